@@ -1,0 +1,253 @@
+"""The batched generation loop: admit and prefill requests, decode, finish, refill.
+
+Each decode step runs the model once over the active rows (one new token per row, each at its own
+position), samples with per-row settings and counter-based randomness, and records the token on
+the device. The host learns which rows finished from a single small transfer per step, and only
+then loops, over the finished rows, to hand results back and refill their slots from the queue.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..models.decoder import DecoderLM
+from .cache import KVCache
+from .params import SamplingParams
+from .rng import random_seed, uniforms
+from .sampling import sample
+from .slots import Sequence, SlotTable
+
+DEFAULT_KV_CACHE_BYTES = 4 << 30
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    decode_steps: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        elapsed = self.prefill_s + self.decode_s
+        return self.generated_tokens / elapsed if elapsed > 0 else 0.0
+
+
+class Engine:
+    """Generates with ``model`` (the very modules the trainer updates: no copy of the weights)."""
+
+    def __init__(
+        self,
+        model: DecoderLM,
+        eos_token_ids: tuple[int, ...] = (),
+        *,
+        max_num_seqs: int = 64,
+        max_model_len: int | None = None,
+        max_prefill_tokens: int = 4096,
+        kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
+        decode_text: Callable[[list[int]], str] | None = None,
+    ) -> None:
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs: must be >= 1, got {max_num_seqs}")
+        self.model = model
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = min(max_model_len or model.config.max_position_embeddings,
+                                 model.config.max_position_embeddings)
+        self.max_prefill_tokens = max_prefill_tokens
+        self.kv_cache_bytes = kv_cache_bytes
+        self.decode_text = decode_text
+        self.cache: KVCache | None = None
+        self.stats = GenerationStats()
+
+    # ---------------------------------------------------------------- public API
+    def generate(self, requests: list[Request], progress: bool = False) -> list[list[Sequence]]:
+        """Return, per request, its ``n`` finished sequences (in sample order)."""
+        self._validate(requests)
+        sequences = [self._sequences_of(i, r) for i, r in enumerate(requests)]
+        queue = deque(seqs for seqs in sequences if seqs[0].params.max_new_tokens > 0)
+        for seqs in sequences:
+            if seqs[0].params.max_new_tokens == 0:
+                for seq in seqs:
+                    seq.finish_reason = "length"
+        if queue:
+            self._run(queue, progress)
+        return sequences
+
+    # ---------------------------------------------------------------- set-up
+    def _validate(self, requests: list[Request]) -> None:
+        if not requests:
+            raise ValueError("prompts: empty list; give at least one prompt")
+        for i, request in enumerate(requests):
+            if not request.prompt_ids:
+                raise ValueError(f"prompts[{i}]: empty prompt")
+            vocab = self.model.config.vocab_size
+            if min(request.prompt_ids) < 0 or max(request.prompt_ids) >= vocab:
+                raise ValueError(f"prompts[{i}]: token ids must be in [0, {vocab})")
+            total = len(request.prompt_ids) + request.params.max_new_tokens
+            if total > self.max_model_len:
+                raise ValueError(
+                    f"prompts[{i}]: {len(request.prompt_ids)} prompt tokens + max_new_tokens "
+                    f"{request.params.max_new_tokens} exceed the context length {self.max_model_len}")
+            if request.params.n > self.max_num_seqs:
+                raise ValueError(f"n: {request.params.n} samples exceed max_num_seqs {self.max_num_seqs}")
+
+    def _sequences_of(self, index: int, request: Request) -> list[Sequence]:
+        params = request.params
+        seed = params.seed if params.seed is not None else random_seed()
+        stop_ids = tuple(params.stop_token_ids) + (() if params.ignore_eos else self.eos_token_ids)
+        return [Sequence(index, i, list(request.prompt_ids), params, seed, tuple(dict.fromkeys(stop_ids)))
+                for i in range(params.n)]
+
+    def _prepare(self, queue: deque[list[Sequence]]) -> None:
+        groups = list(queue)
+        rows_wanted = min(self.max_num_seqs, sum(len(g) for g in groups))
+        max_len = max(len(g[0].prompt_ids) + g[0].params.max_new_tokens for g in groups)
+        per_row = KVCache.bytes_needed(self.model.config, 1, max_len, self.model.dtype)
+        rows = min(rows_wanted, self.kv_cache_bytes // per_row)
+        widest = max(len(g) for g in groups)
+        if rows < widest:
+            raise ValueError(f"kv_cache_bytes: {self.kv_cache_bytes} holds {rows} rows of {max_len} tokens, "
+                             f"but a request needs {widest} rows")
+        if self.cache is None or not self.cache.fits(rows, max_len):
+            self.cache = None  # free the old one before allocating
+            self.cache = KVCache(self.model.config, rows, max_len, self.model.dtype, self.model.device)
+        max_stop = max(len(s.stop_ids) for g in groups for s in g)
+        self.slots = SlotTable(rows, max(g[0].params.max_new_tokens for g in groups), max_stop, self.model.device)
+
+    # ---------------------------------------------------------------- the loop
+    @torch.inference_mode()
+    def _run(self, queue: deque[list[Sequence]], progress: bool) -> None:
+        self._prepare(queue)
+        total = sum(len(g) for g in queue)
+        bar = tqdm(total=total, desc="generate", unit="seq", disable=not progress, leave=False)
+        start, generated_before = time.perf_counter(), self.stats.generated_tokens
+        while queue or self.slots.active:
+            self._admit(queue)
+            done = self._decode_step()
+            if done:
+                bar.update(done)
+                elapsed = time.perf_counter() - start
+                bar.set_postfix(tok_s=f"{(self.stats.generated_tokens - generated_before) / elapsed:.1f}")
+        bar.close()
+
+    def _admit(self, queue: deque[list[Sequence]]) -> None:
+        """Prefill as many queued requests as fit in free slots and the prefill token budget."""
+        while queue and self.slots.active + len(queue[0]) <= self.slots.capacity:
+            batch: list[list[Sequence]] = []
+            free = self.slots.capacity - self.slots.active
+            longest = 0
+            while queue and len(queue[0]) <= free:
+                longest_if_added = max(longest, len(queue[0][0].prompt_ids))
+                if batch and longest_if_added * (len(batch) + 1) > self.max_prefill_tokens:
+                    break
+                group = queue.popleft()
+                batch.append(group)
+                free -= len(group)
+                longest = longest_if_added
+            self._prefill(batch)
+
+    def _prefill(self, groups: list[list[Sequence]]) -> None:
+        t0 = time.perf_counter()
+        start, prompts = self.slots.active, [g[0].prompt_ids for g in groups]
+        device = self.model.device
+        lengths = torch.tensor([len(p) for p in prompts], device=device)
+        width = int(max(len(p) for p in prompts))
+        ids = torch.zeros(len(prompts), width, dtype=torch.int64, device=device)
+        for row, prompt in enumerate(prompts):
+            ids[row, : len(prompt)] = torch.tensor(prompt, device=device)
+        positions = torch.arange(width, device=device).expand(len(prompts), width)
+        out = self.model(ids, positions, cache=self.cache, rows=slice(start, start + len(prompts)), kv_len=width)
+        last_hidden = out.hidden[torch.arange(len(prompts), device=device), lengths - 1]
+        logits = self.model.logits(last_hidden)
+        # Sample 0 of each request sits in the prefilled slot; siblings get copies of its cache rows.
+        firsts = [g[0] for g in groups]
+        siblings = [(row, s) for row, g in enumerate(groups) for s in g[1:]]
+        ordered = firsts + [s for _, s in siblings]
+        self.slots.fill(start, ordered)
+        self.slots.active = start + len(ordered)
+        if siblings:
+            src = torch.tensor([start + row for row, _ in siblings], device=device)
+            dst = torch.arange(start + len(groups), start + len(ordered), device=device)
+            self.cache.copy_rows(src, dst, width)
+        row_of = torch.tensor(list(range(len(groups))) + [row for row, _ in siblings], device=device)
+        self.stats.prompt_tokens += sum(len(p) for p in prompts)
+        self.stats.prefill_s += time.perf_counter() - t0
+        self._sample_and_commit(logits[row_of], start, self.slots.active)
+
+    def _decode_step(self) -> int:
+        """One token for every active row; returns how many sequences finished."""
+        slots = self.slots
+        active = slots.active
+        if active == 0:
+            return 0
+        t0 = time.perf_counter()
+        kv_len = int(slots.host_lengths[:active].max()) + 1
+        out = self.model(slots.last_token[:active, None], slots.lengths[:active, None], cache=self.cache,
+                         rows=slice(0, active), kv_len=kv_len)
+        logits = self.model.logits(out.hidden[:, -1])
+        self.stats.decode_steps += 1
+        finished = self._sample_and_commit(logits, 0, active)
+        self.stats.decode_s += time.perf_counter() - t0
+        return finished
+
+    def _sample_and_commit(self, logits: torch.Tensor, lo: int, hi: int) -> int:
+        slots = self.slots
+        draws = uniforms(slots.keys[lo:hi], slots.host_generated[lo:hi])
+        params = slots.row_params(lo, hi)
+        tokens, logprobs = sample(logits, torch.from_numpy(draws).to(logits.device), params)
+        slots.advance(lo, hi, tokens, logprobs)
+        self.stats.generated_tokens += hi - lo
+        ends = slots.finished_mask(lo, hi, tokens) | torch.isnan(logprobs)
+        finished = (torch.nonzero(ends).flatten() + lo).tolist()  # the step's one device sync
+        finished += self._stop_string_hits(lo, hi, tokens, finished)
+        if not finished:
+            return 0
+        for slot in finished:
+            self._finish(slot)
+        slots.compact(finished, self.cache.copy_rows)
+        return len(finished)
+
+    def _stop_string_hits(self, lo: int, hi: int, tokens: torch.Tensor, already: list[int]) -> list[int]:
+        rows = [r for r in range(lo, hi) if self.slots.sequences[r].params.stop and r not in already]
+        if not rows:
+            return []
+        if self.decode_text is None:
+            raise ValueError("stop: stop strings need a tokenizer; use LLM or pass decode_text to Engine")
+        hits = []
+        for slot in rows:
+            seq = self.slots.sequences[slot]
+            count = int(self.slots.host_generated[slot])
+            longest = max(len(s) for s in seq.params.stop)
+            # A character spans at most 4 byte-level tokens: this tail holds any completed stop string.
+            tail = self.slots.out_tokens[slot, max(0, count - 4 * longest - 4): count].tolist()
+            text = self.decode_text(tail)
+            hit = next((s for s in seq.params.stop if s in text), None)
+            if hit is not None:
+                seq.stop_text_hit = hit
+                hits.append(slot)
+        return hits
+
+    def _finish(self, slot: int) -> None:
+        seq = self.slots.collect(slot)
+        if seq.logprobs and seq.logprobs[-1] != seq.logprobs[-1]:  # NaN
+            raise ValueError(
+                f"logits: NaN or inf in the model's output for prompts[{seq.request_index}] "
+                f"(sample {seq.sample_index}) at generated token {len(seq.token_ids) - 1}")
+        if seq.stop_text_hit is not None or (seq.token_ids and seq.token_ids[-1] in seq.stop_ids):
+            seq.finish_reason = "stop"
+        else:
+            seq.finish_reason = "length"

@@ -1,0 +1,227 @@
+"""A Llama-family decoder (Llama/SmolLM2, Qwen2/2.5, Qwen3) in plain PyTorch.
+
+One module serves the engine and the trainer. With a KV cache it runs any number of new tokens per
+row at per-row positions (a decode step, a prefill, or a speculative verify of k+1 tokens); without
+one it is an ordinary causal LM under autograd. It can hand back the hidden states of chosen layers,
+which the EAGLE-3 drafter fuses and the online learner captures during the actor's update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .linear import Linear, column_major_empty, fast_linear
+from .rope import apply_rope, rope_table
+
+
+class LayerCache(Protocol):
+    """What attention needs from a KV cache: per-layer ``[rows, kv_heads, max_len, head_dim]`` tensors."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+
+@dataclass
+class ForwardContext:
+    """Per-forward tensors shared by every layer, built once instead of once per layer."""
+
+    cos: torch.Tensor  # [B, T, head_dim]
+    sin: torch.Tensor
+    mask: torch.Tensor | None  # bool [B, 1, T, S], True = may attend; None = plain causal
+    cache: LayerCache | None = None
+    rows: slice = field(default_factory=lambda: slice(None))
+    kv_len: int = 0
+    write_index: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+
+@dataclass
+class DecoderOutput:
+    hidden: torch.Tensor  # final-norm hidden states [B, T, D]
+    captured: dict[int, torch.Tensor]  # layer index -> that layer's output [B, T, D]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype | None = None, device=None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # Reduced precision: normalise in fp32 and scale after the cast back, as the reference does.
+        normed = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int, dtype=None, device=None) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_size, self.kv_size = config.q_size, config.kv_size
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias,
+                               dtype=dtype, device=device)
+        self.o_proj = Linear(self.q_size, config.hidden_size, dtype=dtype, device=device)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, device) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, device) if config.qk_norm else None
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        batch, steps, _ = x.shape
+        q, k, v = self.qkv_proj(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        q = q.view(batch, steps, self.num_heads, self.head_dim)
+        k = k.view(batch, steps, self.num_kv_heads, self.head_dim)
+        v = v.view(batch, steps, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q, ctx.cos, ctx.sin).transpose(1, 2)
+        k = apply_rope(k, ctx.cos, ctx.sin).transpose(1, 2)
+        v = v.transpose(1, 2)
+        if ctx.cache is not None:
+            k, v = self._write_and_read_cache(k, v, ctx)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.mask is None,
+                                             enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, steps, self.q_size))
+
+    def _write_and_read_cache(self, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext):
+        key_cache = ctx.cache.keys[self.layer_index][ctx.rows]
+        value_cache = ctx.cache.values[self.layer_index][ctx.rows]
+        key_cache.index_put_(ctx.write_index, k)
+        value_cache.index_put_(ctx.write_index, v)
+        return key_cache[:, :, : ctx.kv_len], value_cache[:, :, : ctx.kv_len]
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig, dtype=None, device=None) -> None:
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, dtype=dtype, device=device)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int, dtype=None, device=None) -> None:
+        super().__init__()
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.attn = Attention(config, layer_index, dtype, device)
+        self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.mlp = MLP(config, dtype, device)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        x = x + self.attn(self.input_norm(x), ctx)
+        return x + self.mlp(self.post_attn_norm(x))
+
+
+class DecoderLM(nn.Module):
+    """The causal LM. ``forward`` returns final hidden states; ``logits`` applies the LM head."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype | None = None, device=None) -> None:
+        super().__init__()
+        self.config = config
+        # Column-major so a tied head streams fast; embedding lookups only gather a few rows.
+        self.embed_tokens = nn.Parameter(column_major_empty(config.vocab_size, config.hidden_size, dtype, device))
+        nn.init.normal_(self.embed_tokens, std=0.02)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, dtype, device) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.lm_head = None if config.tie_word_embeddings else Linear(
+            config.hidden_size, config.vocab_size, dtype=dtype, device=device)
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.init_rope()
+
+    def init_rope(self) -> None:
+        """(Re)compute the RoPE tables on the model's device, e.g. after building on ``meta``."""
+        cos, sin = rope_table(self.config.rope, self.config.head_dim, self.config.max_position_embeddings)
+        self.rope_cos, self.rope_sin = cos.to(self.device), sin.to(self.device)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.embed_tokens if self.lm_head is None else self.lm_head.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.device
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM-head logits in fp32 (sampling and logprobs are computed in fp32 whatever the weights)."""
+        return fast_linear(hidden, self.head_weight).float()
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.embed_tokens)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        cache: LayerCache | None = None,
+        rows: slice | None = None,
+        kv_len: int | None = None,
+        capture_layers: tuple[int, ...] = (),
+    ) -> DecoderOutput:
+        """Run the decoder.
+
+        Without ``cache``: a causal pass over ``input_ids [B, T]`` (training, reference logits);
+        ``attention_mask [B, T]`` marks real tokens when rows are right-padded.
+        With ``cache``: ``input_ids [B, T]`` are new tokens of cache rows ``rows`` at ``positions
+        [B, T]``; their keys/values are written there and attention spans cache positions
+        ``< kv_len`` up to each token's own position.
+        """
+        batch, steps = input_ids.shape
+        if positions is None:
+            positions = torch.arange(steps, device=input_ids.device).expand(batch, steps)
+        if cache is None:
+            ctx = self._training_context(positions, attention_mask)
+        else:
+            ctx = self._cache_context(positions, cache, rows or slice(0, batch), kv_len)
+        x = self.embed(input_ids)
+        captured: dict[int, torch.Tensor] = {}
+        for index, layer in enumerate(self.layers):
+            x = layer(x, ctx)
+            if index in capture_layers:
+                captured[index] = x
+        return DecoderOutput(hidden=self.norm(x), captured=captured)
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Callers keep positions below max_position_embeddings (the engine checks prompt + budget).
+        return self.rope_cos[positions].to(self.dtype), self.rope_sin[positions].to(self.dtype)
+
+    def _training_context(self, positions: torch.Tensor, attention_mask: torch.Tensor | None) -> ForwardContext:
+        cos, sin = self._rope(positions)
+        if attention_mask is None:
+            return ForwardContext(cos=cos, sin=sin, mask=None)
+        steps = positions.shape[1]
+        causal = torch.ones(steps, steps, dtype=torch.bool, device=positions.device).tril()
+        # Padded query rows still attend to themselves so softmax never sees an all-masked row.
+        mask = causal & (attention_mask.bool()[:, None, :] | torch.eye(steps, dtype=torch.bool,
+                                                                        device=positions.device))
+        return ForwardContext(cos=cos, sin=sin, mask=mask[:, None])
+
+    def _cache_context(self, positions: torch.Tensor, cache: LayerCache, rows: slice,
+                       kv_len: int | None) -> ForwardContext:
+        batch, steps = positions.shape
+        if kv_len is None:
+            kv_len = int(positions.max()) + 1
+        cos, sin = self._rope(positions)
+        key_positions = torch.arange(kv_len, device=positions.device)
+        mask = (key_positions[None, None, :] <= positions[:, :, None])[:, None]
+        row_index = torch.arange(batch, device=positions.device)[:, None, None]
+        head_index = torch.arange(self.config.num_kv_heads, device=positions.device)[None, :, None]
+        write_index = (row_index, head_index, positions[:, None, :])
+        return ForwardContext(cos=cos, sin=sin, mask=mask, cache=cache, rows=rows, kv_len=kv_len,
+                              write_index=write_index)

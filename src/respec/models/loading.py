@@ -1,0 +1,138 @@
+"""Load a decoder from an HF directory, a GGUF file or a preset name; save it back in HF format."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig, read_hf_config
+from .decoder import DecoderLM
+from .presets import resolve_preset
+from .weights import hf_to_respec, load_into, respec_to_hf
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def resolve_model_path(model: str | os.PathLike) -> Path:
+    """A directory or .gguf path; preset names resolve to their cached HF directory."""
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    preset = resolve_preset(str(model))
+    if preset is None:
+        from .presets import PRESETS
+
+        raise ValueError(f"model: {str(model)!r} is neither an existing path nor a known preset "
+                         f"(presets: {', '.join(sorted(PRESETS))})")
+    return preset
+
+
+def load_model(model: str | os.PathLike, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32) -> tuple[DecoderLM, Path]:
+    """Return the model and the directory (or .gguf file) its tokenizer lives in."""
+    path = resolve_model_path(model)
+    if path.is_file() and path.suffix == ".gguf":
+        config, state = _read_gguf(path)
+        source = path
+    elif path.is_dir():
+        config = read_hf_config(path)
+        state = hf_to_respec(config, _read_hf_state(path), str(path))
+        source = path
+    else:
+        raise ValueError(f"model: {path} is not a model directory or a .gguf file")
+    with torch.device("meta"):  # no random init of weights we are about to overwrite
+        decoder = DecoderLM(config, dtype=dtype)
+    decoder = decoder.to_empty(device=device)
+    decoder.init_rope()
+    load_into(decoder, state, str(path))
+    return decoder.eval(), source
+
+
+def _read_hf_state(path: Path) -> dict[str, torch.Tensor]:
+    single, index, legacy = path / "model.safetensors", path / SAFETENSORS_INDEX, path / "pytorch_model.bin"
+    if single.is_file():
+        return _load_safetensors(single)
+    if index.is_file():
+        return _read_sharded(path, index)
+    if legacy.is_file():
+        return torch.load(legacy, map_location="cpu", weights_only=True)
+    raise ValueError(f"weights: no model.safetensors, {SAFETENSORS_INDEX} or pytorch_model.bin in {path}")
+
+
+def _read_sharded(path: Path, index: Path) -> dict[str, torch.Tensor]:
+    try:
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError) as err:
+        raise ValueError(f"weights: {index} has no valid weight_map ({err})") from err
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        shard_path = path / shard
+        if not shard_path.is_file():
+            raise ValueError(f"weights: shard {shard} listed in {index.name} is missing from {path}")
+        state.update(_load_safetensors(shard_path))
+    return state
+
+
+def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"weights: cannot read {file}: {err}") from err
+
+
+def _read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Dequantize through transformers' GGUF support (it also undoes llama.cpp's q/k permutation)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                        dtype=torch.float32)
+    except Exception as err:  # transformers raises many types for bad files
+        raise ValueError(f"model: cannot read GGUF file {path}: {err}") from err
+    config = ModelConfig.from_hf(hf_model.config.to_dict())
+    state = hf_to_respec(config, hf_model.state_dict(), str(path))
+    return config, state
+
+
+def save_pretrained(model: DecoderLM, out_dir: str | os.PathLike, tokenizer: Any | None = None,
+                    extra_config: dict[str, Any] | None = None) -> Path:
+    """Write config.json + model.safetensors (+ tokenizer) atomically: the directory appears whole."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        config = {**model.config.to_hf(), "torch_dtype": str(model.dtype).removeprefix("torch."),
+                  **(extra_config or {})}
+        (staging / "config.json").write_text(json.dumps(config, indent=2))
+        tensors = {k: v.cpu() for k, v in respec_to_hf(model).items()}
+        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging))
+        _replace_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _replace_dir(staging: Path, out: Path) -> None:
+    # rename() is atomic; an existing directory is moved aside first and deleted only afterwards.
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        staging.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(out)
