@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -31,8 +32,8 @@ class SamplingParams:
         object.__setattr__(self, "stop", stop)
         if not isinstance(self.n, int) or self.n < 1:
             raise ValueError(f"n: must be an integer >= 1, got {self.n!r}")
-        if not self.temperature >= 0:  # also rejects NaN
-            raise ValueError(f"temperature: must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):  # rejects NaN and inf
+            raise ValueError(f"temperature: must be finite and >= 0 (0 = greedy), got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p: must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:

@@ -43,5 +43,6 @@ def uniforms(keys: np.ndarray, counters: np.ndarray, stream: int = 0) -> np.ndar
         # Positions stay far below 2**40, so (stream, counter) pairs never collide.
         counter = counters.astype(np.uint64) + (np.uint64(stream) << np.uint64(40))
         mixed = splitmix64(keys ^ splitmix64(counter))
-    # Top 53 bits, shifted half a step so that 0 and 1 are never drawn.
-    return ((mixed >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / (1 << 53))
+    # Top 52 bits, shifted half a step: (m + 0.5) / 2**52 is exact in float64, so 0 and 1 are never
+    # drawn (with 53 bits, (2**53 - 1) + 0.5 rounds up to 2**53 and yields exactly 1.0).
+    return ((mixed >> np.uint64(12)).astype(np.float64) + 0.5) * (1.0 / (1 << 52))

@@ -33,7 +33,11 @@ def processed_logprobs(logits: torch.Tensor, params: RowParams) -> torch.Tensor:
     temperature = torch.where(params.temperature > 0, params.temperature, torch.ones_like(params.temperature))
     scaled = logits.float() / temperature[:, None]
     if params.any_filter:
-        scaled = filter_top_k_top_p(scaled, params.top_k, params.top_p)
+        # Greedy rows keep the unfiltered distribution, as documented above.
+        sampled = params.temperature > 0
+        top_k = torch.where(sampled, params.top_k, torch.zeros_like(params.top_k))
+        top_p = torch.where(sampled, params.top_p, torch.ones_like(params.top_p))
+        scaled = filter_top_k_top_p(scaled, top_k, top_p)
     return torch.log_softmax(scaled, dim=-1)
 
 

@@ -1,0 +1,121 @@
+"""The ``respec`` command line: generate, bench, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .models.presets import DEFAULT_MODEL
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="preset name, HF directory or .gguf file")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .engine import LLM, SamplingParams
+
+    llm = LLM(args.model, device=args.device, dtype=args.dtype)
+    params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_new_tokens=args.max_new_tokens, seed=args.seed)
+    outputs = llm.generate(args.prompts, params, chat=not args.no_chat, progress=not args.no_progress)
+    for output in outputs:
+        for i, sample in enumerate(output.samples):
+            print(f"--- {output.prompt!r} [sample {i}, {len(sample.token_ids)} tokens, {sample.finish_reason}]")
+            print(sample.text)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import format_table, run_bench
+
+    result = run_bench(args.model, args.batch_sizes, args.new_tokens, args.repeats, args.device, args.dtype,
+                       args.prompts, with_transformers=not args.no_transformers)
+    print(format_table(result))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Until the RL trainer lands: generate with the default model and print a small table."""
+    from .bench import load_questions
+    from .engine import LLM, SamplingParams
+
+    llm = LLM(args.model, device=args.device, dtype=args.dtype)
+    questions = load_questions(8)
+    params = SamplingParams(n=2, temperature=0.6, max_new_tokens=96, seed=0)
+    start = time.perf_counter()
+    outputs = llm.generate(questions, params, chat=True)
+    seconds = time.perf_counter() - start
+    print(f"{'#':>2}  {'tokens':>6}  {'finish':<6}  answer (first sample)")
+    for i, out in enumerate(outputs):
+        sample = out.samples[0]
+        text = " ".join(sample.text.split())
+        print(f"{i:>2}  {len(sample.token_ids):>6}  {sample.finish_reason:<6}  {text[:90]}")
+    tokens = sum(len(s.token_ids) for o in outputs for s in o.samples)
+    print(f"\n{len(outputs)} prompts x {params.n} samples: {tokens} tokens in {seconds:.1f} s "
+          f"({tokens / seconds:.1f} tok/s) on {llm.model.device}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="respec", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate completions for prompts")
+    _add_model_args(gen)
+    gen.add_argument("prompts", nargs="+")
+    gen.add_argument("--n", type=int, default=1)
+    gen.add_argument("--temperature", type=float, default=0.6)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    gen.add_argument("--no-progress", action="store_true")
+    gen.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser("bench", help="throughput of our engine vs transformers generate")
+    _add_model_args(bench)
+    bench.add_argument("--batch-sizes", type=_int_list, default=(1, 8, 32))
+    bench.add_argument("--new-tokens", type=int, default=128)
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--prompts", type=Path, default=None, help="JSONL with a 'question' field")
+    bench.add_argument("--no-transformers", action="store_true", help="only time our engine")
+    bench.add_argument("--out", default=None, help="write the results as JSON here")
+    bench.set_defaults(func=cmd_bench)
+
+    demo = sub.add_parser("demo", help="the `make demo` job")
+    _add_model_args(demo)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as err:
+        print(f"respec: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
