@@ -79,13 +79,17 @@ def _seconds(fn: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
-def _transformers_runner(model_path: Path, llm: LLM, prompts: list[list[int]], new_tokens: int):
+def load_transformers_model(model_path: Path, llm: LLM):
+    """The same weights through transformers' own implementation, for the baseline arm."""
     from transformers import AutoModelForCausalLM
 
     kwargs = {"gguf_file": model_path.name} if model_path.suffix == ".gguf" else {}
     directory = model_path.parent if kwargs else model_path
     hf = AutoModelForCausalLM.from_pretrained(str(directory), dtype=llm.model.dtype, **kwargs).eval()
-    hf = hf.to(llm.model.device)
+    return hf.to(llm.model.device)
+
+
+def _transformers_runner(hf, llm: LLM, prompts: list[list[int]], new_tokens: int):
     width = max(len(p) for p in prompts)
     pad = llm.tokenizer.pad_token_id if llm.tokenizer.pad_token_id is not None else 0
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=llm.model.device)
@@ -123,12 +127,13 @@ def run_bench(model: str = "smollm2-135m", batch_sizes: tuple[int, ...] = (1, 8,
     encoded = [llm.encode(q, chat=True) for q in questions]
     bandwidth = measure_read_bandwidth() if llm.model.device.type == "cpu" else None
     floor_s = weight_bytes_per_step(llm.model) / bandwidth if bandwidth else None
+    hf = load_transformers_model(resolve_model_path(model), llm) if with_transformers else None
     rows: list[BenchRow] = []
     for batch in batch_sizes:
         prompts = encoded[:batch]
         arms = {"respec": _respec_runner(llm, prompts, new_tokens)}
-        if with_transformers:
-            arms["transformers"] = _transformers_runner(resolve_model_path(model), llm, prompts, new_tokens)
+        if hf is not None:
+            arms["transformers"] = _transformers_runner(hf, llm, prompts, new_tokens)
         for run in arms.values():
             run()  # warm-up
         times: dict[str, list[float]] = {name: [] for name in arms}
