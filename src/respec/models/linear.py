@@ -17,6 +17,9 @@ from torch import nn
 # Up to this many rows the split matmul beats MKL's plain GEMM on CPU (measured at 1, 8 and 32 rows);
 # beyond it, the work is compute bound and one large GEMM is best.
 SPLIT_MAX_ROWS = 48
+# Up to this many rows, splitting the reduction (each core streams one contiguous half of the
+# weight) beats splitting the output columns for the layer matrices (measured at 1 row).
+K_SPLIT_MAX_ROWS = 4
 
 
 def column_major_empty(out_features: int, in_features: int, dtype: torch.dtype | None = None,
@@ -35,14 +38,34 @@ def _num_splits(out_features: int) -> int:
 def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` with a multi-core path for few rows on CPU; same result up to float rounding."""
     rows = x.numel() // x.shape[-1]
-    splits = _num_splits(weight.shape[0])
-    if (x.device.type != "cpu" or rows > SPLIT_MAX_ROWS or splits == 1 or not weight.t().is_contiguous()):
+    if x.device.type != "cpu" or rows > SPLIT_MAX_ROWS or not weight.t().is_contiguous():
         return F.linear(x, weight, bias)
-    in_features, out_features = weight.shape[1], weight.shape[0]
-    slices = weight.t().view(in_features, splits, out_features // splits).transpose(0, 1)
-    x2d = x.reshape(1, rows, in_features).expand(splits, rows, in_features)
-    out = torch.bmm(x2d, slices).transpose(0, 1).reshape(*x.shape[:-1], out_features)
+    out_features, in_features = weight.shape
+    if rows <= K_SPLIT_MAX_ROWS and out_features < 16384 and in_features % 2 == 0:
+        out = _k_split(x.reshape(rows, in_features), weight.t())
+    else:
+        splits = _num_splits(out_features)
+        if splits == 1:
+            return F.linear(x, weight, bias)
+        out = _n_split(x.reshape(rows, in_features), weight.t(), splits)
+    out = out.reshape(*x.shape[:-1], out_features)
     return out if bias is None else out + bias
+
+
+def _n_split(x: torch.Tensor, weight_t: torch.Tensor, splits: int) -> torch.Tensor:
+    """Each core computes a slice of the output columns (strided views of ``weight_t [in, out]``)."""
+    in_features, out_features = weight_t.shape
+    slices = weight_t.view(in_features, splits, out_features // splits).transpose(0, 1)
+    out = torch.bmm(x.expand(splits, *x.shape), slices)
+    return out.transpose(0, 1).reshape(x.shape[0], out_features)
+
+
+def _k_split(x: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
+    """Each core reduces over one contiguous half of ``weight_t [in, out]``; the halves are summed."""
+    in_features, out_features = weight_t.shape
+    halves = weight_t.view(2, in_features // 2, out_features)
+    partial = torch.bmm(x.view(x.shape[0], 2, in_features // 2).transpose(0, 1), halves)
+    return partial[0] + partial[1]
 
 
 class Linear(nn.Module):
