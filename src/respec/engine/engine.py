@@ -139,13 +139,17 @@ class Engine:
         total = sum(len(g) for g in queue)
         bar = tqdm(total=total, desc="generate", unit="seq", disable=not progress, leave=False)
         start, generated_before = time.perf_counter(), self.stats.generated_tokens
+        last_refresh = start
         while queue or self.slots.active:
             self._admit(queue)
             done = self._decode_step()
-            if done:
+            if progress:
                 bar.update(done)
-                elapsed = time.perf_counter() - start
-                bar.set_postfix(tok_s=f"{(self.stats.generated_tokens - generated_before) / elapsed:.1f}")
+                now = time.perf_counter()
+                if now - last_refresh > 0.5:  # live rate, refreshed twice a second
+                    rate = (self.stats.generated_tokens - generated_before) / (now - start)
+                    bar.set_postfix(tok_s=f"{rate:.1f}", rows=self.slots.active)
+                    last_refresh = now
         bar.close()
 
     def _admit(self, queue: deque[list[Sequence]]) -> None:
