@@ -71,6 +71,7 @@ class Engine:
         self.kv_cache_bytes = kv_cache_bytes
         self.decode_text = decode_text
         self.cache: KVCache | None = None
+        self.slots = SlotTable(0, 0, 0, model.device)  # sized per generate() call in _prepare
         self.stats = GenerationStats()
 
     # ---------------------------------------------------------------- public API

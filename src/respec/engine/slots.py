@@ -67,23 +67,25 @@ class SlotTable:
     def fill(self, start: int, sequences: list[Sequence]) -> None:
         """Write the settings of freshly admitted sequences into slots ``start..``."""
         end = start + len(sequences)
-        as_tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=self.device)  # noqa: E731
         params = [s.params for s in sequences]
-        self.lengths[start:end] = as_tensor([len(s.prompt_ids) for s in sequences], torch.int64)
+        self.lengths[start:end] = self._tensor([len(s.prompt_ids) for s in sequences], torch.int64)
         self.generated[start:end] = 0
-        self.max_new[start:end] = as_tensor([p.max_new_tokens for p in params], torch.int64)
-        self.temperature[start:end] = as_tensor([p.temperature for p in params], torch.float32)
-        self.top_k[start:end] = as_tensor([p.top_k for p in params], torch.int64)
-        self.top_p[start:end] = as_tensor([p.top_p for p in params], torch.float32)
+        self.max_new[start:end] = self._tensor([p.max_new_tokens for p in params], torch.int64)
+        self.temperature[start:end] = self._tensor([p.temperature for p in params], torch.float32)
+        self.top_k[start:end] = self._tensor([p.top_k for p in params], torch.int64)
+        self.top_p[start:end] = self._tensor([p.top_p for p in params], torch.float32)
         self.stop_ids[start:end] = -1
         for offset, seq in enumerate(sequences):
             if seq.stop_ids:
-                self.stop_ids[start + offset, : len(seq.stop_ids)] = as_tensor(list(seq.stop_ids), torch.int64)
+                self.stop_ids[start + offset, : len(seq.stop_ids)] = self._tensor(list(seq.stop_ids), torch.int64)
             self.keys[start + offset] = sample_key(seq.seed, seq.sample_index)
             self.sequences[start + offset] = seq
         self.host_lengths[start:end] = [len(s.prompt_ids) for s in sequences]
         self.host_generated[start:end] = 0
         self._row_params = None
+
+    def _tensor(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=self.device)
 
     def row_params(self, lo: int, hi: int) -> RowParams:
         """Sampling settings of rows ``lo..hi``; cached for the full active batch between changes."""
