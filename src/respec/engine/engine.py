@@ -232,6 +232,8 @@ class Engine:
         return len(finished)
 
     def _stop_string_hits(self, lo: int, hi: int, tokens: torch.Tensor, already: list[int]) -> list[int]:
+        if self.slots.stop_string_rows == 0:  # the common case: no text to look at, no loop over rows
+            return []
         rows = [r for r in range(lo, hi) if self.slots.sequences[r].params.stop and r not in already]
         if not rows:
             return []

@@ -58,6 +58,7 @@ class SlotTable:
         self.keys = np.zeros(capacity, dtype=np.uint64)
         self.host_lengths = np.zeros(capacity, dtype=np.int64)
         self.host_generated = np.zeros(capacity, dtype=np.int64)
+        self.stop_string_rows = 0  # active rows with stop strings: the host checks text only if > 0
         self._row_params: RowParams | None = None
 
     def _device_tensors(self) -> tuple[torch.Tensor, ...]:
@@ -80,6 +81,7 @@ class SlotTable:
                 self.stop_ids[start + offset, : len(seq.stop_ids)] = self._tensor(list(seq.stop_ids), torch.int64)
             self.keys[start + offset] = sample_key(seq.seed, seq.sample_index)
             self.sequences[start + offset] = seq
+        self.stop_string_rows += sum(1 for s in sequences if s.params.stop)
         self.host_lengths[start:end] = [len(s.prompt_ids) for s in sequences]
         self.host_generated[start:end] = 0
         self._row_params = None
@@ -132,6 +134,7 @@ class SlotTable:
     def compact(self, finished: list[int], move_cache) -> None:
         """Drop ``finished`` slots and move the last active rows into the holes (few copies)."""
         finished_set = set(finished)
+        self.stop_string_rows -= sum(1 for slot in finished_set if self.sequences[slot].params.stop)
         new_active = self.active - len(finished_set)
         holes = sorted(s for s in finished_set if s < new_active)
         movers = [s for s in range(new_active, self.active) if s not in finished_set]
