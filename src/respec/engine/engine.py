@@ -216,9 +216,10 @@ class Engine:
 
     def _sample_and_commit(self, logits: torch.Tensor, lo: int, hi: int) -> int:
         slots = self.slots
-        draws = uniforms(slots.keys[lo:hi], slots.host_generated[lo:hi])
         params = slots.row_params(lo, hi)
-        tokens, logprobs = sample(logits, torch.from_numpy(draws).to(logits.device), params)
+        draws = torch.from_numpy(uniforms(slots.keys[lo:hi], slots.host_generated[lo:hi])).to(logits.device) \
+            if params.any_random else None  # all-greedy steps draw nothing
+        tokens, logprobs = sample(logits, draws, params)
         slots.advance(lo, hi, tokens, logprobs)
         self.stats.generated_tokens += hi - lo
         ends = slots.finished_mask(lo, hi, tokens) | torch.isnan(logprobs)

@@ -58,8 +58,11 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
-def sample_tokens(logprobs: torch.Tensor, uniforms: torch.Tensor, params: RowParams) -> torch.Tensor:
-    """One token per row: argmax for greedy rows, inverse-CDF with ``uniforms`` (0, 1) otherwise."""
+def sample_tokens(logprobs: torch.Tensor, uniforms: torch.Tensor | None, params: RowParams) -> torch.Tensor:
+    """One token per row: argmax for greedy rows, inverse-CDF with ``uniforms`` (0, 1) otherwise.
+
+    ``uniforms`` may be None when every row is greedy.
+    """
     if not params.any_random:
         return logprobs.argmax(dim=-1)
     # float64 CDF so tokens with tiny probability are drawn at their true rate.
@@ -71,7 +74,8 @@ def sample_tokens(logprobs: torch.Tensor, uniforms: torch.Tensor, params: RowPar
     return tokens
 
 
-def sample(logits: torch.Tensor, uniforms: torch.Tensor, params: RowParams) -> tuple[torch.Tensor, torch.Tensor]:
+def sample(logits: torch.Tensor, uniforms: torch.Tensor | None,
+           params: RowParams) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens and their logprobs under each row's sampling distribution (NaN logprob = bad logits)."""
     logprobs = processed_logprobs(logits, params)
     tokens = sample_tokens(logprobs, uniforms, params)
