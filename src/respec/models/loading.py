@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -19,7 +18,6 @@ from .decoder import DecoderLM
 from .presets import resolve_preset
 from .weights import hf_to_respec, load_into, respec_to_hf
 
-log = logging.getLogger(__name__)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
