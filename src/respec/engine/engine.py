@@ -11,17 +11,20 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..models.decoder import DecoderLM
 from .cache import KVCache
+from .drafters.base import Drafter, TargetTrace, check_vocab
 from .params import SamplingParams
 from .rng import random_seed, uniforms
 from .sampling import sample
 from .slots import Sequence, SlotTable
+from .speculative import SpecStats, SpeculativeConfig, speculative_step
 
 DEFAULT_KV_CACHE_BYTES = 4 << 30
 
@@ -39,6 +42,7 @@ class GenerationStats:
     decode_steps: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    spec: SpecStats = field(default_factory=SpecStats)
 
     @property
     def tokens_per_s(self) -> float:
@@ -59,10 +63,17 @@ class Engine:
         max_prefill_tokens: int = 4096,
         kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
         decode_text: Callable[[list[int]], str] | None = None,
+        drafter: Drafter | None = None,
+        speculative: SpeculativeConfig | None = None,
     ) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs: must be >= 1, got {max_num_seqs}")
+        if drafter is not None:
+            check_vocab(drafter.vocab_size, model.config.vocab_size)
         self.model = model
+        self.drafter = drafter
+        self.speculative = speculative if speculative is not None else (SpeculativeConfig() if drafter else None)
+        self._trace: TargetTrace | None = None
         self.eos_token_ids = tuple(eos_token_ids)
         self.max_num_seqs = max_num_seqs
         self.max_model_len = min(max_model_len or model.config.max_position_embeddings,
@@ -73,6 +84,11 @@ class Engine:
         self.cache: KVCache | None = None
         self.slots = SlotTable(0, 0, 0, model.device)  # sized per generate() call in _prepare
         self.stats = GenerationStats()
+
+    @property
+    def draft_tokens(self) -> int:
+        """k when speculating, else 0."""
+        return self.speculative.num_draft_tokens if self.drafter is not None and self.speculative else 0
 
     # ---------------------------------------------------------------- public API
     def generate(self, requests: list[Request], progress: bool = False) -> list[list[Sequence]]:
@@ -120,7 +136,8 @@ class Engine:
     def _prepare(self, queue: deque[list[Sequence]]) -> None:
         groups = list(queue)
         rows_wanted = min(self.max_num_seqs, sum(len(g) for g in groups))
-        max_len = max(len(g[0].prompt_ids) + g[0].params.max_new_tokens for g in groups)
+        # A verify pass writes k + 1 positions from the row's length, so the cache has k spare ones.
+        max_len = max(len(g[0].prompt_ids) + g[0].params.max_new_tokens for g in groups) + self.draft_tokens
         per_row = KVCache.bytes_needed(self.model.config, 1, max_len, self.model.dtype)
         rows = min(rows_wanted, self.kv_cache_bytes // per_row)
         widest = max(len(g) for g in groups)
@@ -131,7 +148,10 @@ class Engine:
             self.cache = None  # free the old one before allocating
             self.cache = KVCache(self.model.config, rows, max_len, self.model.dtype, self.model.device)
         max_stop = max(len(s.stop_ids) for g in groups for s in g)
-        self.slots = SlotTable(rows, max(g[0].params.max_new_tokens for g in groups), max_stop, self.model.device)
+        self.slots = SlotTable(rows, max(g[0].params.max_new_tokens for g in groups), max_stop, self.model.device,
+                               block=self.draft_tokens + 1)
+        if self.draft_tokens:
+            self.drafter.allocate(rows, max_len)
 
     # ---------------------------------------------------------------- the loop
     @torch.inference_mode()
@@ -179,7 +199,11 @@ class Engine:
         for row, prompt in enumerate(prompts):
             ids[row, : len(prompt)] = torch.tensor(prompt, device=device)
         positions = torch.arange(width, device=device).expand(len(prompts), width)
-        out = self.model(ids, positions, cache=self.cache, rows=slice(start, start + len(prompts)), kv_len=width)
+        rows = slice(start, start + len(prompts))
+        capture = self.drafter.capture_layers if self.draft_tokens else ()
+        out = self.model(ids, positions, cache=self.cache, rows=rows, kv_len=width, capture_layers=capture)
+        if self.draft_tokens:
+            self.drafter.prefill(rows, ids, lengths, self._prefill_trace(out.captured, ids, lengths))
         last_hidden = out.hidden[torch.arange(len(prompts), device=device), lengths - 1]
         logits = self.model.logits(last_hidden)
         # Sample 0 of each request sits in the prefilled slot; siblings get copies of its cache rows.
@@ -191,18 +215,33 @@ class Engine:
         if siblings:
             src = torch.tensor([start + row for row, _ in siblings], device=device)
             dst = torch.arange(start + len(groups), start + len(ordered), device=device)
-            self.cache.copy_rows(src, dst, width)
+            self._copy_rows(src, dst, width)
         row_of = torch.tensor(list(range(len(groups))) + [row for row, _ in siblings], device=device)
         self.stats.prompt_tokens += sum(len(p) for p in prompts)
         self.stats.prefill_s += time.perf_counter() - t0
         self._sample_and_commit(logits[row_of], start, self.slots.active)
 
+    def _prefill_trace(self, captured: dict, ids: torch.Tensor, lengths: torch.Tensor) -> TargetTrace | None:
+        if not captured:
+            return None
+        next_tokens = torch.cat((ids[:, 1:], ids[:, :1]), dim=1)  # the last one is the sampled token, unknown yet
+        return TargetTrace(captured=captured, start=torch.zeros_like(lengths), valid=lengths - 1,
+                           next_tokens=next_tokens)
+
+    def _copy_rows(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
+        """Copy rows in the target's cache and in the drafter's state alike."""
+        self.cache.copy_rows(src, dst, length)
+        if self.draft_tokens:
+            self.drafter.copy_rows(src, dst, length)
+
     def _decode_step(self) -> int:
-        """One token for every active row; returns how many sequences finished."""
+        """One step for every active row; returns how many sequences finished."""
         slots = self.slots
         active = slots.active
         if active == 0:
             return 0
+        if self.draft_tokens:
+            return self._speculative_step()
         t0 = time.perf_counter()
         kv_len = int(slots.host_lengths[:active].max()) + 1
         out = self.model(slots.last_token[:active, None], slots.lengths[:active, None], cache=self.cache,
@@ -214,6 +253,18 @@ class Engine:
         self.stats.decode_s += time.perf_counter() - t0
         return finished
 
+    def _speculative_step(self) -> int:
+        t0 = time.perf_counter()
+        before = self.slots.host_generated[: self.slots.active].copy()
+        result, self._trace = speculative_step(self.model, self.cache, self.slots, self.drafter,
+                                               self.draft_tokens, self.stats.spec, self._trace)
+        self.stats.decode_steps += 1
+        self.stats.generated_tokens += int(self.slots.host_generated[: self.slots.active].sum() - before.sum())
+        finished = torch.nonzero(result.ends).flatten().tolist()
+        finished += self._stop_string_hits(0, self.slots.active, finished, before)
+        self.stats.decode_s += time.perf_counter() - t0
+        return self._finish_rows(finished)
+
     def _sample_and_commit(self, logits: torch.Tensor, lo: int, hi: int) -> int:
         slots = self.slots
         params = slots.row_params(lo, hi)
@@ -224,15 +275,20 @@ class Engine:
         self.stats.generated_tokens += hi - lo
         ends = slots.finished_mask(lo, hi, tokens) | torch.isnan(logprobs)
         finished = (torch.nonzero(ends).flatten() + lo).tolist()  # the step's one device sync
-        finished += self._stop_string_hits(lo, hi, tokens, finished)
+        finished += self._stop_string_hits(lo, hi, finished)
+        return self._finish_rows(finished)
+
+    def _finish_rows(self, finished: list[int]) -> int:
         if not finished:
             return 0
+        self._trace = None  # rows move: a drafter re-reads the target's state from its own cache
         for slot in finished:
             self._finish(slot)
-        slots.compact(finished, self.cache.copy_rows)
+        self.slots.compact(finished, self._copy_rows)
         return len(finished)
 
-    def _stop_string_hits(self, lo: int, hi: int, tokens: torch.Tensor, already: list[int]) -> list[int]:
+    def _stop_string_hits(self, lo: int, hi: int, already: list[int],
+                          before: np.ndarray | None = None) -> list[int]:
         if self.slots.stop_string_rows == 0:  # the common case: no text to look at, no loop over rows
             return []
         rows = [r for r in range(lo, hi) if self.slots.sequences[r].params.stop and r not in already]
@@ -246,17 +302,24 @@ class Engine:
             count = int(self.slots.host_generated[slot])
             longest = max(len(s) for s in seq.params.stop)
             # A character spans at most 4 byte-level tokens: this tail holds any completed stop string.
-            tail = self.slots.out_tokens[slot, max(0, count - 4 * longest - 4): count].tolist()
-            text = self.decode_text(tail)
-            hit = next((s for s in seq.params.stop if s in text), None)
-            if hit is not None:
-                seq.stop_text_hit = hit
-                hits.append(slot)
+            # A speculative step may emit several tokens: end at the first one completing a stop string.
+            first = count if before is None else int(before[slot - lo]) + 1
+            for end in range(first, count + 1):
+                tail = self.slots.out_tokens[slot, max(0, end - 4 * longest - 4): end].tolist()
+                text = self.decode_text(tail)
+                hit = next((s for s in seq.params.stop if s in text), None)
+                if hit is not None:
+                    seq.stop_text_hit = hit
+                    self.slots.host_generated[slot] = end
+                    hits.append(slot)
+                    break
         return hits
 
     def _finish(self, slot: int) -> None:
         seq = self.slots.collect(slot)
-        if seq.logprobs and seq.logprobs[-1] != seq.logprobs[-1]:  # NaN
+        if self.draft_tokens:
+            self.drafter.finish(seq)
+        if any(lp != lp for lp in seq.logprobs[-self.draft_tokens - 1:]):  # NaN
             raise ValueError(
                 f"logits: NaN or inf in the model's output for prompts[{seq.request_index}] "
                 f"(sample {seq.sample_index}) at generated token {len(seq.token_ids) - 1}")

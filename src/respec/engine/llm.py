@@ -13,9 +13,11 @@ import torch
 from ..models.decoder import DecoderLM
 from ..models.loading import load_model
 from ..models.presets import DEFAULT_MODEL
+from .drafters import Drafter, make_drafter
 from .engine import DEFAULT_KV_CACHE_BYTES, Engine, GenerationStats, Request
 from .params import SamplingParams
 from .slots import Sequence
+from .speculative import SpeculativeConfig
 
 Prompt = Union[str, list[int], list[dict[str, str]]]
 
@@ -65,6 +67,8 @@ class LLM:
         max_num_seqs: int = 64,
         max_model_len: int | None = None,
         kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
+        drafter: Drafter | str | os.PathLike | None = None,
+        speculative: SpeculativeConfig | int | None = None,
     ) -> None:
         device = torch.device(device) if device is not None else default_device()
         dtype = _parse_dtype(dtype) if dtype is not None else default_dtype(device)
@@ -76,10 +80,16 @@ class LLM:
             self.model, source = load_model(model, device=device, dtype=dtype)
         self.tokenizer = tokenizer if tokenizer is not None and not isinstance(tokenizer, (str, Path)) \
             else _load_tokenizer(tokenizer or source)
+        self.drafter = make_drafter(drafter, self.model, self.tokenizer) if drafter is not None else None
+        if isinstance(speculative, int) and not isinstance(speculative, bool):
+            speculative = SpeculativeConfig(num_draft_tokens=speculative)
+        if speculative is not None and self.drafter is None:
+            raise ValueError("speculative: needs a drafter (drafter='ngram', 'self:N', a model path or a Drafter)")
         self.engine = Engine(
             self.model, self._eos_ids(), max_num_seqs=max_num_seqs, max_model_len=max_model_len,
             kv_cache_bytes=kv_cache_bytes,
             decode_text=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
+            drafter=self.drafter, speculative=speculative,
         )
 
     @property

@@ -65,10 +65,7 @@ def sample_tokens(logprobs: torch.Tensor, uniforms: torch.Tensor | None, params:
     """
     if not params.any_random:
         return logprobs.argmax(dim=-1)
-    # float64 CDF so tokens with tiny probability are drawn at their true rate.
-    cdf = logprobs.double().exp().cumsum(dim=-1)
-    targets = uniforms.to(cdf.dtype) * cdf[:, -1]
-    tokens = torch.searchsorted(cdf, targets[:, None]).squeeze(-1).clamp_(max=logprobs.shape[-1] - 1)
+    tokens = inverse_cdf(logprobs.double().exp(), uniforms)
     if params.any_greedy:
         tokens = torch.where(params.temperature > 0, tokens, logprobs.argmax(dim=-1))
     return tokens
@@ -80,3 +77,34 @@ def sample(logits: torch.Tensor, uniforms: torch.Tensor | None,
     logprobs = processed_logprobs(logits, params)
     tokens = sample_tokens(logprobs, uniforms, params)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Index drawn per row with probability proportional to non-negative ``weights [B, V]``.
+
+    The CDF is built in float64 so tokens with tiny probability are drawn at their true rate.
+    """
+    cdf = weights.double().cumsum(dim=-1)
+    targets = uniforms.to(cdf.dtype) * cdf[:, -1]
+    # The first index whose CDF reaches the target: a zero-weight index (a flat CDF step) never is
+    # first, and a uniform of exactly 1 lands on the last token with mass, not past the end.
+    tokens = torch.searchsorted(cdf, targets[:, None]).squeeze(-1)
+    return tokens.clamp_(max=weights.shape[-1] - 1)
+
+
+def expand_params(params: RowParams, steps: int) -> RowParams:
+    """Each row's settings repeated ``steps`` times, for logits flattened to ``[B * steps, V]``."""
+    if steps == 1:
+        return params
+    return RowParams(
+        temperature=params.temperature.repeat_interleave(steps),
+        top_k=params.top_k.repeat_interleave(steps),
+        top_p=params.top_p.repeat_interleave(steps),
+        any_filter=params.any_filter, any_greedy=params.any_greedy, any_random=params.any_random)
+
+
+def processed_logprobs_steps(logits: torch.Tensor, params: RowParams) -> torch.Tensor:
+    """``processed_logprobs`` for ``logits [B, T, V]``: every step of a row gets the row's settings."""
+    batch, steps, vocab = logits.shape
+    return processed_logprobs(logits.reshape(batch * steps, vocab), expand_params(params, steps)).view(
+        batch, steps, vocab)

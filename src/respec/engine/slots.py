@@ -31,12 +31,16 @@ class Sequence:
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
     stop_text_hit: str | None = None  # the stop string that ended it, if any
+    verify_steps: int = 0  # speculative steps this sample took part in
+    drafted: int = 0  # draft tokens offered to it
+    accepted: int = 0  # of which accepted
 
 
 class SlotTable:
     """Device tensors and host mirrors for up to ``capacity`` concurrent rows."""
 
-    def __init__(self, capacity: int, max_new_tokens: int, max_stop_ids: int, device: torch.device) -> None:
+    def __init__(self, capacity: int, max_new_tokens: int, max_stop_ids: int, device: torch.device,
+                 block: int = 1) -> None:
         self.capacity, self.device = capacity, device
         self.active = 0
         self.sequences: list[Sequence | None] = [None] * capacity
@@ -45,6 +49,7 @@ class SlotTable:
             return torch.zeros(shape, dtype=dtype, device=device)
 
         self.last_token = zeros(capacity)
+        self.prev_token = zeros(capacity)  # the token at position lengths - 1 (drafters re-read it)
         self.lengths = zeros(capacity)  # positions held in the KV cache (the last token is not yet)
         self.generated = zeros(capacity)
         self.max_new = zeros(capacity)
@@ -52,17 +57,20 @@ class SlotTable:
         self.top_k = zeros(capacity)
         self.top_p = zeros(capacity, dtype=torch.float32)
         self.stop_ids = torch.full((capacity, max(1, max_stop_ids)), -1, dtype=torch.int64, device=device)
-        self.out_tokens = zeros(capacity, max(1, max_new_tokens))
-        self.out_logprobs = zeros(capacity, max(1, max_new_tokens), dtype=torch.float32)
+        # ``block - 1`` spare columns: a speculative step writes a whole block, emitted or not.
+        self.out_tokens = zeros(capacity, max(1, max_new_tokens) + block - 1)
+        self.out_logprobs = zeros(capacity, max(1, max_new_tokens) + block - 1, dtype=torch.float32)
         self.row_index = torch.arange(capacity, device=device)
         self.keys = np.zeros(capacity, dtype=np.uint64)
         self.host_lengths = np.zeros(capacity, dtype=np.int64)
         self.host_generated = np.zeros(capacity, dtype=np.int64)
+        self.host_max_new = np.zeros(capacity, dtype=np.int64)
+        self.spec_counts = np.zeros((capacity, 3), dtype=np.int64)  # verify steps, drafted, accepted
         self.stop_string_rows = 0  # active rows with stop strings: the host checks text only if > 0
         self._row_params: RowParams | None = None
 
     def _device_tensors(self) -> tuple[torch.Tensor, ...]:
-        return (self.last_token, self.lengths, self.generated, self.max_new, self.temperature, self.top_k,
+        return (self.last_token, self.prev_token, self.lengths, self.generated, self.max_new, self.temperature, self.top_k,
                 self.top_p, self.stop_ids, self.out_tokens, self.out_logprobs)
 
     def fill(self, start: int, sequences: list[Sequence]) -> None:
@@ -84,6 +92,9 @@ class SlotTable:
         self.stop_string_rows += sum(1 for s in sequences if s.params.stop)
         self.host_lengths[start:end] = [len(s.prompt_ids) for s in sequences]
         self.host_generated[start:end] = 0
+        self.host_max_new[start:end] = [p.max_new_tokens for p in params]
+        self.spec_counts[start:end] = 0
+        self.prev_token[start:end] = self._tensor([s.prompt_ids[-1] for s in sequences], torch.int64)
         self._row_params = None
 
     def _tensor(self, values: list, dtype: torch.dtype) -> torch.Tensor:
@@ -114,8 +125,27 @@ class SlotTable:
         self.generated[lo:hi] += 1
         self.host_generated[lo:hi] += 1
 
+    def advance_block(self, tokens: torch.Tensor, logprobs: torch.Tensor, counts: torch.Tensor,
+                      host_counts: np.ndarray) -> None:
+        """Record ``counts [B]`` new tokens per row of ``0..B-1`` from ``tokens [B, T]`` after a verify
+        step; the cache already holds the last token and the accepted drafts, so lengths advance too."""
+        batch, width = tokens.shape
+        rows = self.row_index[:batch, None].expand(batch, width)
+        columns = self.generated[:batch, None] + torch.arange(width, device=self.device)
+        self.out_tokens.index_put_((rows, columns), tokens)
+        self.out_logprobs.index_put_((rows, columns), logprobs)
+        last = (counts - 1)[:, None]
+        with_last = torch.cat((self.last_token[:batch, None], tokens), dim=1)
+        self.prev_token[:batch] = with_last.gather(1, last).squeeze(1)
+        self.last_token[:batch] = tokens.gather(1, last).squeeze(1)
+        self.generated[:batch] += counts
+        self.lengths[:batch] += counts
+        self.host_generated[:batch] += host_counts
+        self.host_lengths[:batch] += host_counts
+
     def commit_to_cache(self, active: int) -> None:
         """The last tokens of rows ``0..active`` were just written to the KV cache."""
+        self.prev_token[:active] = self.last_token[:active]
         self.lengths[:active] += 1
         self.host_lengths[:active] += 1
 
@@ -129,6 +159,7 @@ class SlotTable:
         count = int(self.host_generated[slot])
         seq.token_ids = self.out_tokens[slot, :count].tolist()
         seq.logprobs = self.out_logprobs[slot, :count].tolist()
+        seq.verify_steps, seq.drafted, seq.accepted = (int(c) for c in self.spec_counts[slot])
         return seq
 
     def compact(self, finished: list[int], move_cache) -> None:
@@ -143,7 +174,7 @@ class SlotTable:
             dst = torch.tensor(holes, device=self.device)
             for tensor in self._device_tensors():
                 tensor[dst] = tensor[src]
-            for array in (self.keys, self.host_lengths, self.host_generated):
+            for array in (self.keys, self.host_lengths, self.host_generated, self.host_max_new, self.spec_counts):
                 array[holes] = array[movers]
             move_cache(src, dst, int(self.host_lengths[holes].max()))
             for hole, mover in zip(holes, movers):

@@ -19,6 +19,10 @@ from .config import ModelConfig
 from .linear import Linear, column_major_empty, fast_linear
 from .rope import apply_rope, rope_table
 
+# RoPE rows past the model's context: a speculative verify pass pads a row near the end of its
+# budget with draft slots at later positions; they are never emitted but still need a table entry.
+ROPE_HEADROOM = 64
+
 
 class LayerCache(Protocol):
     """What attention needs from a KV cache: per-layer ``[rows, kv_heads, max_len, head_dim]`` tensors."""
@@ -145,7 +149,8 @@ class DecoderLM(nn.Module):
 
     def init_rope(self) -> None:
         """(Re)compute the RoPE tables on the model's device, e.g. after building on ``meta``."""
-        cos, sin = rope_table(self.config.rope, self.config.head_dim, self.config.max_position_embeddings)
+        cos, sin = rope_table(self.config.rope, self.config.head_dim,
+                              self.config.max_position_embeddings + ROPE_HEADROOM)
         self.rope_cos, self.rope_sin = cos.to(self.device), sin.to(self.device)
 
     @property

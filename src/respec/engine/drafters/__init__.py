@@ -1,0 +1,49 @@
+"""Drafters: what proposes speculative tokens (see base.py for the interface)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ...models.decoder import DecoderLM
+from .base import Drafter, DraftSampler, DraftState, Proposal, TargetTrace, check_vocab
+from .draft_model import DraftModelDrafter
+from .ngram import NgramDrafter
+
+__all__ = [
+    "DraftModelDrafter",
+    "DraftSampler",
+    "DraftState",
+    "Drafter",
+    "NgramDrafter",
+    "Proposal",
+    "TargetTrace",
+    "check_vocab",
+    "make_drafter",
+]
+
+
+def make_drafter(spec: Drafter | str | os.PathLike, target: DecoderLM, tokenizer: Any = None) -> Drafter:
+    """A drafter from a user's description.
+
+    ``"ngram"`` (prompt / sibling / history lookup), ``"self:N"`` (the target's first N layers), a
+    Drafter instance, or a path or preset of a draft model with the target's tokenizer.
+    """
+    if isinstance(spec, Drafter):
+        check_vocab(spec.vocab_size, target.config.vocab_size)
+        return spec
+    text = str(spec)
+    if text == "ngram":
+        return NgramDrafter(target.config.vocab_size)
+    if text.startswith("self:"):
+        layers = text.removeprefix("self:")
+        if not layers.isdigit():
+            raise ValueError(f"drafter: 'self:N' needs a layer count N, got {text!r}")
+        return DraftModelDrafter.truncated(target, int(layers))
+    drafter_tokenizer = None
+    if tokenizer is not None and Path(text).is_dir() and (Path(text) / "tokenizer.json").exists():
+        from transformers import AutoTokenizer
+
+        drafter_tokenizer = AutoTokenizer.from_pretrained(text)
+    return DraftModelDrafter.from_pretrained(text, target, tokenizer, drafter_tokenizer)

@@ -1,0 +1,109 @@
+"""The ``Drafter`` interface: what the engine asks of anything that proposes speculative tokens.
+
+Per decode step the engine hands the drafter a ``DraftState`` (the active rows' last tokens and cache
+lengths) and asks for up to ``k`` tokens per row. A learned drafter draws them with the engine's
+``DraftSampler``, which applies each row's temperature, top-k and top-p exactly as the target's side
+does and returns the processed distribution q the tokens were drawn from, so the verifier always
+sees the q that was really sampled. A deterministic drafter (n-gram lookup) returns tokens only.
+
+Drafters that keep a KV cache lay it out in the engine's slots: row ``i`` of the drafter's cache
+belongs to active row ``i``, and the engine calls ``copy_rows`` whenever it copies or moves rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from ..rng import uniforms
+from ..sampling import RowParams, processed_logprobs, sample_tokens
+
+if TYPE_CHECKING:
+    from ..slots import Sequence
+
+# Counter-based RNG streams (see rng.py): each decision of a speculative step has its own stream, so
+# no uniform that shaped an emitted token is ever reused for another decision.
+TOKEN_STREAM = 0  # AR samples, and the residual or bonus token of a verify step
+ACCEPT_STREAM = 1  # the accept/reject test of each draft
+DRAFT_STREAM = 2  # the drafter's own sampling of draft tokens
+
+
+@dataclass
+class Proposal:
+    tokens: torch.Tensor  # [B, k] int64 draft tokens (padding past ``lens``)
+    logprobs: torch.Tensor | None = None  # [B, k, V] processed q they were drawn from; None = deterministic
+    lens: torch.Tensor | None = None  # [B] drafts offered per row (default k)
+
+
+@dataclass
+class TargetTrace:
+    """The target's view of tokens it just ran: prefill or verify. Drafters that fuse target hidden
+    states (EAGLE-3) read them here; ``captured[layer]`` is ``[B, T, D]`` for positions
+    ``start[b] .. start[b] + T - 1`` of which the first ``valid[b]`` hold committed tokens."""
+
+    captured: dict[int, torch.Tensor]
+    start: torch.Tensor  # [B] int64
+    valid: torch.Tensor  # [B] int64
+    next_tokens: torch.Tensor  # [B, T] the token after each position (the model's input at t + 1)
+
+
+@dataclass
+class DraftState:
+    """The active rows ``0..B-1`` at the start of a speculative step."""
+
+    last_token: torch.Tensor  # [B] sampled, not yet in the target's cache, at position ``lengths``
+    prev_token: torch.Tensor  # [B] the token at position ``lengths - 1`` (already in the cache)
+    lengths: torch.Tensor  # [B] positions held in the target's KV cache
+    host_lengths: np.ndarray  # the same on the host, for sizes without a device sync
+    sequences: list[Sequence]  # per row: prompt, request and sample index (for history lookups)
+    generated: np.ndarray  # [B] tokens emitted so far per row (host)
+    out_tokens: torch.Tensor  # [B, >= generated] emitted tokens per row
+    trace: TargetTrace | None = None  # the last target forward over these rows, if asked for
+    extra: dict = field(default_factory=dict)
+
+
+class DraftSampler:
+    """Draws draft tokens exactly as the target side will judge them (same processing of logits)."""
+
+    def __init__(self, params: RowParams, keys: np.ndarray, generated: np.ndarray, device: torch.device) -> None:
+        self.params, self.keys, self.generated, self.device = params, keys, generated, device
+
+    def __call__(self, step: int, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draft ``step`` (0-based) from ``logits [B, V]``: tokens [B] and processed logprobs q [B, V]."""
+        q = processed_logprobs(logits, self.params)
+        draws = None
+        if self.params.any_random:
+            draws = torch.from_numpy(uniforms(self.keys, self.generated + step, DRAFT_STREAM)).to(self.device)
+        return sample_tokens(q, draws, self.params), q
+
+
+class Drafter:
+    """Proposes draft tokens for the engine's active rows. Hooks default to doing nothing."""
+
+    vocab_size: int
+    capture_layers: tuple[int, ...] = ()  # target layers whose outputs ``propose`` needs in the trace
+
+    def allocate(self, rows: int, max_len: int) -> None:
+        """Prepare per-row state for up to ``rows`` rows of up to ``max_len`` positions."""
+
+    def prefill(self, rows: slice, prompt_ids: torch.Tensor, prompt_lens: torch.Tensor,
+                trace: TargetTrace | None) -> None:
+        """New prompts entered rows ``rows`` (right-padded ``prompt_ids [G, W]``)."""
+
+    def copy_rows(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
+        """The engine copied rows ``src`` into ``dst`` (first ``length`` positions matter)."""
+
+    def finish(self, sequence: Sequence) -> None:
+        """A sequence finished (history-based drafters remember it)."""
+
+    def propose(self, state: DraftState, k: int, sampler: DraftSampler) -> Proposal:
+        """Up to ``k`` draft tokens per active row."""
+        raise NotImplementedError
+
+
+def check_vocab(drafter_vocab: int, target_vocab: int) -> None:
+    if drafter_vocab != target_vocab:
+        raise ValueError(f"drafter: vocabulary size {drafter_vocab} does not match the target's {target_vocab}")

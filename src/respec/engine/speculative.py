@@ -1,0 +1,158 @@
+"""One speculative decode step: draft, verify in one target forward, and report what each row emits.
+
+The target runs ``[last_token, d_1 .. d_k]`` at positions ``L .. L+k`` of each row, which writes their
+keys and values into the cache; the verifier (verify.py) decides how many drafts each row keeps.
+Rejected entries stay in the cache past the row's new length, where attention never reads them and
+the next step overwrites them. A row never drafts past its ``max_new_tokens`` budget, so the budget
+is exact; stop tokens inside an accepted block end the row there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..models.decoder import DecoderLM
+from .cache import KVCache
+from .drafters.base import (
+    ACCEPT_STREAM,
+    TOKEN_STREAM,
+    Drafter,
+    DraftSampler,
+    DraftState,
+    TargetTrace,
+)
+from .rng import uniforms
+from .sampling import processed_logprobs_steps
+from .slots import SlotTable
+from .verify import verify_drafts
+
+MAX_DRAFT_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """How the engine speculates. ``num_draft_tokens`` is k, the drafts proposed per row per step."""
+
+    num_draft_tokens: int = 4
+
+    def __post_init__(self) -> None:
+        k = self.num_draft_tokens
+        if not isinstance(k, int) or not 1 <= k <= MAX_DRAFT_TOKENS:
+            raise ValueError(f"num_draft_tokens: must be an integer in [1, {MAX_DRAFT_TOKENS}], got {k!r}")
+
+
+@dataclass
+class SpecStats:
+    """Cumulative speculative-decoding counters (acceptance length includes the bonus token)."""
+
+    verify_steps: int = 0  # row-steps: one per active row per speculative step
+    drafted: int = 0
+    accepted: int = 0
+    emitted: int = 0
+    accepted_at: list[int] = field(default_factory=list)  # per draft position: accepted count
+    offered_at: list[int] = field(default_factory=list)  # per draft position: offered count
+    histogram: list[int] = field(default_factory=list)  # accepted drafts per row-step: count of 0..k
+
+    @property
+    def accept_len(self) -> float:
+        """Tokens emitted per row per verify step (1 + accepted drafts), the usual tau."""
+        return self.emitted / self.verify_steps if self.verify_steps else 0.0
+
+    @property
+    def accept_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def accept_rate_at(self) -> list[float]:
+        """Conditional acceptance per draft position: accepted there / offered and reached there."""
+        return [a / o if o else 0.0 for a, o in zip(self.accepted_at, self.offered_at)]
+
+    def record(self, num_accepted: np.ndarray, offered: np.ndarray, emitted: np.ndarray, k: int) -> None:
+        for values in (self.accepted_at, self.offered_at):
+            values.extend([0] * (k - len(values)))
+        self.histogram.extend([0] * (k + 1 - len(self.histogram)))
+        self.verify_steps += len(num_accepted)
+        self.drafted += int(offered.sum())
+        self.accepted += int(num_accepted.sum())
+        self.emitted += int(emitted.sum())
+        positions = np.arange(k)
+        reached = (positions[None, :] <= num_accepted[:, None]) & (positions[None, :] < offered[:, None])
+        self.offered_at[:k] = (np.asarray(self.offered_at[:k]) + reached.sum(0)).tolist()
+        self.accepted_at[:k] = (np.asarray(self.accepted_at[:k]) + (positions[None, :] < num_accepted[:, None]).sum(0)).tolist()
+        self.histogram[: k + 1] = (np.asarray(self.histogram[: k + 1]) + np.bincount(num_accepted, minlength=k + 1)).tolist()
+
+
+@dataclass
+class StepResult:
+    tokens: torch.Tensor  # [B, k+1]
+    logprobs: torch.Tensor  # [B, k+1]
+    counts: torch.Tensor  # [B] tokens emitted per row (>= 1)
+    ends: torch.Tensor  # [B] bool: a stop token was emitted, a logprob is NaN, or the budget is spent
+
+
+def speculative_step(model: DecoderLM, cache: KVCache, slots: SlotTable, drafter: Drafter, k: int,
+                     stats: SpecStats, trace: TargetTrace | None) -> tuple[StepResult, TargetTrace | None]:
+    """Draft and verify once for the active rows ``0..B-1``; the caller commits the result."""
+    batch = slots.active
+    params = slots.row_params(0, batch)
+    host_generated = slots.host_generated[:batch]
+    # Room: the last emitted token must stay within max_new_tokens, so a row drafts at most
+    # budget - generated - 1 tokens (0 = a plain AR step through the verifier's bonus path).
+    room = np.minimum(slots.host_max_new[:batch] - host_generated - 1, k)
+    state = DraftState(last_token=slots.last_token[:batch], prev_token=slots.prev_token[:batch],
+                       lengths=slots.lengths[:batch], host_lengths=slots.host_lengths[:batch],
+                       sequences=slots.sequences[:batch], generated=host_generated,
+                       out_tokens=slots.out_tokens[:batch], trace=trace)
+    sampler = DraftSampler(params, slots.keys[:batch], host_generated, model.device)
+    proposal = drafter.propose(state, k, sampler)
+    offered = torch.from_numpy(room).to(model.device)
+    if proposal.lens is not None:
+        offered = torch.minimum(offered, proposal.lens)
+    ids = torch.cat((slots.last_token[:batch, None], proposal.tokens), dim=1)
+    positions = slots.lengths[:batch, None] + torch.arange(k + 1, device=ids.device)
+    kv_len = int(slots.host_lengths[:batch].max()) + k + 1
+    out = model(ids, positions, cache=cache, rows=slice(0, batch), kv_len=kv_len,
+                capture_layers=drafter.capture_layers)
+    target = processed_logprobs_steps(model.logits(out.hidden), params)
+    accept_u = resample_u = None
+    if params.any_random:  # draft i is token index generated + i: its accept test and its resample
+        counters = host_generated[:, None] + np.arange(k + 1)[None, :]
+        keys = slots.keys[:batch, None]
+        accept_u = torch.from_numpy(uniforms(keys, counters[:, :k], ACCEPT_STREAM)).to(model.device)
+        resample_u = torch.from_numpy(uniforms(keys, counters, TOKEN_STREAM)).to(model.device)
+    verdict = verify_drafts(target, proposal.tokens, proposal.logprobs, accept_u, resample_u,
+                            params.temperature == 0, offered)
+    result = _emitted(verdict, slots, batch)
+    counts = result.counts.cpu().numpy()  # the step's one device sync (with the ends below)
+    host_accepted = verdict.num_accepted.cpu().numpy()
+    host_offered = offered.cpu().numpy()
+    stats.record(host_accepted, host_offered, counts, k)
+    slots.spec_counts[:batch] += np.stack((np.ones_like(counts), host_offered, host_accepted), axis=1)
+    new_trace = None
+    if drafter.capture_layers:
+        next_tokens = torch.cat((proposal.tokens, proposal.tokens[:, :1]), dim=1)
+        next_tokens[torch.arange(batch), verdict.num_accepted] = verdict.tokens.gather(
+            1, verdict.num_accepted[:, None]).squeeze(1)
+        new_trace = TargetTrace(captured=out.captured, start=slots.lengths[:batch].clone(),
+                                valid=result.counts, next_tokens=next_tokens)
+    slots.advance_block(result.tokens, result.logprobs, result.counts, counts)
+    return result, new_trace
+
+
+def _emitted(verdict, slots: SlotTable, batch: int) -> StepResult:
+    """Cut each row's block at its first stop token; flag rows that end this step."""
+    width = verdict.tokens.shape[1]
+    index = torch.arange(width, device=verdict.tokens.device)
+    within = index[None, :] <= verdict.num_accepted[:, None]
+    stop = (verdict.tokens[..., None] == slots.stop_ids[:batch, None, :]).any(-1) & within
+    has_stop = stop.any(dim=1)
+    first_stop = stop.long().argmax(dim=1)
+    counts = torch.where(has_stop, first_stop + 1, verdict.num_accepted + 1)
+    emitted = index[None, :] < counts[:, None]
+    bad = (torch.isnan(verdict.logprobs) & emitted).any(dim=1)
+    out_of_budget = slots.generated[:batch] + counts >= slots.max_new[:batch]
+    return StepResult(tokens=verdict.tokens, logprobs=verdict.logprobs, counts=counts,
+                      ends=has_stop | bad | out_of_budget)

@@ -1,0 +1,112 @@
+"""Exact chain verification of speculative drafts: pure batched maths, no model.
+
+Row ``b`` proposes drafts ``x_1..x_k`` drawn from the drafter's processed distributions ``q_i`` (or
+deterministically: ``q_i`` one-hot on ``x_i``). One target forward gives the processed distributions
+``p_1..p_{k+1}`` at those positions (``p_{k+1}`` follows the last draft). Draft ``i`` is accepted with
+probability ``min(1, p_i(x_i) / q_i(x_i))``; at the first rejection the row emits a token from
+``norm(max(0, p_i - q_i))`` and stops; when every draft is accepted it emits a bonus token from
+``p_{k+1}``. Every emitted token is then distributed exactly as the target's sampling distribution
+(Leviathan et al. 2023, Chen et al. 2023). Greedy rows accept while the draft is the target's argmax.
+
+All probabilities enter as log-probabilities of the *processed* distributions (temperature, top-k,
+top-p already applied by ``sampling.processed_logprobs`` to both p and q), so the two sides can never
+be processed differently. Any float dtype works; the tests run float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .sampling import inverse_cdf
+
+
+@dataclass
+class Verdict:
+    """What each row emits after one verify step."""
+
+    num_accepted: torch.Tensor  # [B] int64, accepted drafts (0..k); the row emits num_accepted + 1 tokens
+    tokens: torch.Tensor  # [B, k+1]; entries 0..num_accepted are emitted, the rest is padding
+    logprobs: torch.Tensor  # [B, k+1] target logprobs of ``tokens`` under the processed p
+
+
+def verify_drafts(
+    target_logprobs: torch.Tensor,
+    draft_tokens: torch.Tensor,
+    draft_logprobs: torch.Tensor | None,
+    accept_uniforms: torch.Tensor | None,
+    resample_uniforms: torch.Tensor | None,
+    greedy: torch.Tensor,
+    draft_lens: torch.Tensor | None = None,
+) -> Verdict:
+    """Verify ``draft_tokens [B, k]`` against ``target_logprobs [B, k+1, V]``.
+
+    ``draft_logprobs [B, k, V]`` are the drafter's processed logprobs, or None for deterministic
+    drafts (q one-hot). ``accept_uniforms [B, k]`` and ``resample_uniforms`` lie in (0, 1) and may be
+    None when every row is greedy; ``resample_uniforms`` is ``[B]``, or ``[B, k+1]`` to use the
+    uniform of the position where each row's emitted token lands (a counter-based RNG draws per
+    position, and which position is known only after acceptance). ``greedy [B]`` bool marks temperature-0 rows.
+    ``draft_lens [B]`` (default k) lets a row offer fewer drafts; the rest are never accepted and the
+    token after its last accepted draft is then a bonus draw from p, not a residual one.
+    """
+    batch, k = draft_tokens.shape
+    if target_logprobs.shape[:2] != (batch, k + 1):
+        raise ValueError(f"target_logprobs: expected [B={batch}, k+1={k + 1}, V], got {list(target_logprobs.shape)}")
+    offered = torch.arange(k, device=draft_tokens.device)[None, :] < (
+        draft_lens[:, None] if draft_lens is not None else k)
+    accepted = offered & _accept_mask(target_logprobs[:, :k], draft_tokens, draft_logprobs, accept_uniforms, greedy)
+    num_accepted = accepted.long().cumprod(dim=-1).sum(dim=-1)
+    rows = torch.arange(batch, device=draft_tokens.device)
+    rejected = num_accepted < (draft_lens if draft_lens is not None else k)
+    if resample_uniforms is not None and resample_uniforms.dim() == 2:
+        resample_uniforms = resample_uniforms.gather(1, num_accepted[:, None]).squeeze(1)
+    next_token = _next_token(target_logprobs[rows, num_accepted], draft_tokens, draft_logprobs, num_accepted,
+                             rejected, resample_uniforms, greedy)
+    tokens = torch.cat((draft_tokens, draft_tokens.new_zeros(batch, 1)), dim=1)
+    tokens[rows, num_accepted] = next_token
+    logprobs = target_logprobs.gather(-1, tokens[..., None]).squeeze(-1)
+    return Verdict(num_accepted=num_accepted, tokens=tokens, logprobs=logprobs)
+
+
+def _accept_mask(target_logprobs: torch.Tensor, draft_tokens: torch.Tensor, draft_logprobs: torch.Tensor | None,
+                 accept_uniforms: torch.Tensor | None, greedy: torch.Tensor) -> torch.Tensor:
+    """[B, k] bool: would draft i be accepted, judged on its own (the chain is cut by the caller)."""
+    greedy_ok = draft_tokens == target_logprobs.argmax(dim=-1)
+    if accept_uniforms is None:
+        if not bool(greedy.all()):
+            raise ValueError("accept_uniforms: required when some row samples (temperature > 0)")
+        return greedy_ok
+    log_p = target_logprobs.gather(-1, draft_tokens[..., None]).squeeze(-1)
+    log_q = (draft_logprobs.gather(-1, draft_tokens[..., None]).squeeze(-1) if draft_logprobs is not None
+             else torch.zeros_like(log_p))
+    # u < p/q, compared in log space: no division, and q(x) = 0 (a drafter that proposed a token it
+    # gave no mass) reads as ratio +inf, i.e. accept, matching min(1, p/q) with the limit taken.
+    sampled_ok = torch.log(accept_uniforms.to(log_p.dtype)) < log_p - log_q
+    return torch.where(greedy[:, None], greedy_ok, sampled_ok)
+
+
+def _next_token(p_logprobs: torch.Tensor, draft_tokens: torch.Tensor, draft_logprobs: torch.Tensor | None,
+                position: torch.Tensor, rejected: torch.Tensor, uniforms: torch.Tensor | None,
+                greedy: torch.Tensor) -> torch.Tensor:
+    """The token emitted after the accepted drafts: residual draw if rejected, else a bonus draw."""
+    argmax = p_logprobs.argmax(dim=-1)
+    if uniforms is None:
+        return argmax
+    batch, k = draft_tokens.shape
+    rows = torch.arange(batch, device=draft_tokens.device)
+    p = p_logprobs.double().exp()
+    at = position.clamp(max=k - 1) if k > 0 else position
+    if draft_logprobs is not None:
+        q = draft_logprobs[rows, at].double().exp()
+    else:
+        q = torch.zeros_like(p)
+        if k > 0:
+            q[rows, draft_tokens[rows, at]] = 1.0
+    residual = (p - q).clamp_(min=0.0)
+    mass = residual.sum(dim=-1, keepdim=True)
+    # Mass 0 only when p == q up to rounding, where rejection has probability 0: fall back to p.
+    use_residual = rejected[:, None] & (mass > 0)
+    weights = torch.where(use_residual, residual, p)
+    return torch.where(greedy, argmax, inverse_cdf(weights, uniforms))
+
