@@ -49,6 +49,11 @@ def load_questions(count: int, path: Path | None = None, seed: int = 0) -> list[
                 raise ValueError(f"prompts: {source} line {number} has no 'question' field")
             questions.append(record["question"])
         return questions
+    return arithmetic_questions(count, seed)
+
+
+def arithmetic_questions(count: int, seed: int = 0) -> list[str]:
+    """Built-in prompts for machines without the GSM8K file."""
     rng = random.Random(seed)
     return [f"What is {rng.randint(10, 999)} + {rng.randint(10, 999)}?" for _ in range(count)]
 

@@ -1,4 +1,4 @@
-"""The ``respec`` command line: generate, bench, demo."""
+"""The ``respec`` command line: generate, bench, drafter train, demo."""
 
 from __future__ import annotations
 
@@ -44,6 +44,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import format_table, run_bench
 
+    if args.spec:
+        return _spec_bench(args)
     result = run_bench(args.model, args.batch_sizes, args.new_tokens, args.repeats, args.device, args.dtype,
                        args.prompts, with_transformers=not args.no_transformers)
     print(format_table(result))
@@ -51,6 +53,43 @@ def cmd_bench(args: argparse.Namespace) -> int:
         Path(args.out).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.out}")
     return 0
+
+
+def _spec_bench(args: argparse.Namespace) -> int:
+    from .bench_spec import format_spec_table, run_spec_bench
+
+    if not args.drafters:
+        raise ValueError("drafters: --spec needs --drafters (e.g. drafters/smollm2-eagle,ngram,self:8)")
+    batch_sizes = args.batch_sizes if args.batch_sizes_given else (1, 4, 16, 64)
+    result = run_spec_bench(args.model, args.drafters.split(","), batch_sizes, args.k, args.temperatures,
+                            args.new_tokens, args.repeats, args.device, args.dtype, args.prompts)
+    print(format_spec_table(result))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from err
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from .audit import format_audit, run_audit
+    from .bench import load_questions
+    from .engine import LLM, SamplingParams
+
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, drafter=args.drafter, speculative=args.k,
+              max_num_seqs=args.max_num_seqs)
+    questions = args.prompt or load_questions(3)
+    prompts = [llm.encode(q, chat=True) for q in questions]
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    checks = run_audit(llm, prompts, params, samples=args.samples, negative_control=args.negative_control)
+    print(format_audit(checks))
+    return 0 if all(c.passed for c in checks) else 1
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -75,6 +114,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_drafter_train(args: argparse.Namespace) -> int:
+    from .learner.offline import OfflineConfig, run_offline
+
+    config = OfflineConfig(model=args.model, prompts=args.prompts, out=args.out, num_prompts=args.num_prompts,
+                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, depths=args.k,
+                           epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                           draft_vocab_size=args.draft_vocab_size, seed=args.seed)
+    run_offline(config)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="respec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -94,13 +144,51 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="throughput of our engine vs transformers generate")
     _add_model_args(bench)
-    bench.add_argument("--batch-sizes", type=_int_list, default=(1, 8, 32))
+    bench.add_argument("--batch-sizes", type=_int_list, default=None,
+                       help="default 1,8,32 (AR vs transformers) or 1,4,16,64 (--spec)")
     bench.add_argument("--new-tokens", type=int, default=128)
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--prompts", type=Path, default=None, help="JSONL with a 'question' field")
     bench.add_argument("--no-transformers", action="store_true", help="only time our engine")
     bench.add_argument("--out", default=None, help="write the results as JSON here")
+    bench.add_argument("--spec", action="store_true", help="AR vs speculative decoding per drafter")
+    bench.add_argument("--drafters", default="", help="comma-separated drafters for --spec")
+    bench.add_argument("--k", type=int, default=4, help="draft tokens per step for --spec")
+    bench.add_argument("--temperatures", type=_float_list, default=(0.0, 0.7))
     bench.set_defaults(func=cmd_bench)
+
+    drafter = sub.add_parser("drafter", help="drafter tools")
+    drafter_sub = drafter.add_subparsers(dest="drafter_command", required=True)
+    train = drafter_sub.add_parser("train", help="train an EAGLE head offline on the target's own answers")
+    _add_model_args(train)
+    train.add_argument("--prompts", default=None,
+                       help="JSONL with a 'question' field, or 'arithmetic' (default: GSM8K when present)")
+    train.add_argument("--out", default="drafters/smollm2-eagle")
+    train.add_argument("--num-prompts", type=int, default=256)
+    train.add_argument("--max-new-tokens", type=int, default=128)
+    train.add_argument("--temperature", type=float, default=0.7)
+    train.add_argument("--k", type=int, default=4, help="training-time-test unroll depth (the k it drafts)")
+    train.add_argument("--epochs", type=int, default=3)
+    train.add_argument("--batch-size", type=int, default=4)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--draft-vocab-size", type=int, default=4096, help="0 = the full vocabulary")
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(func=cmd_drafter_train)
+
+    audit = sub.add_parser("audit", help="check speculative rollouts are exact for a model, drafter and settings")
+    _add_model_args(audit)
+    audit.add_argument("--drafter", required=True, help="EAGLE head directory, 'ngram', 'self:N' or a model")
+    audit.add_argument("--k", type=int, default=4)
+    audit.add_argument("--temperature", type=float, default=0.7)
+    audit.add_argument("--top-p", type=float, default=1.0)
+    audit.add_argument("--top-k", type=int, default=0)
+    audit.add_argument("--samples", type=int, default=4000, help="samples for the distribution check")
+    audit.add_argument("--prompt", action="append", default=None, help="prompt(s) to audit on (repeatable)")
+    audit.add_argument("--max-num-seqs", type=int, default=256)
+    audit.add_argument("--seed", type=int, default=0)
+    audit.add_argument("--negative-control", action="store_true",
+                       help="also run with an always-accept verifier, which must fail")
+    audit.set_defaults(func=cmd_audit)
 
     demo = sub.add_parser("demo", help="the `make demo` job")
     _add_model_args(demo)
@@ -110,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "command", None) == "bench":
+        args.batch_sizes_given = args.batch_sizes is not None
+        args.batch_sizes = args.batch_sizes or (1, 8, 32)
     try:
         return args.func(args)
     except ValueError as err:

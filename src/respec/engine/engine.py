@@ -73,7 +73,7 @@ class Engine:
         self.model = model
         self.drafter = drafter
         self.speculative = speculative if speculative is not None else (SpeculativeConfig() if drafter else None)
-        self._trace: TargetTrace | None = None
+
         self.eos_token_ids = tuple(eos_token_ids)
         self.max_num_seqs = max_num_seqs
         self.max_model_len = min(max_model_len or model.config.max_position_embeddings,
@@ -151,7 +151,7 @@ class Engine:
         self.slots = SlotTable(rows, max(g[0].params.max_new_tokens for g in groups), max_stop, self.model.device,
                                block=self.draft_tokens + 1)
         if self.draft_tokens:
-            self.drafter.allocate(rows, max_len)
+            self.drafter.allocate(rows, max_len, self.draft_tokens + 1)
 
     # ---------------------------------------------------------------- the loop
     @torch.inference_mode()
@@ -225,8 +225,10 @@ class Engine:
         if not captured:
             return None
         next_tokens = torch.cat((ids[:, 1:], ids[:, :1]), dim=1)  # the last one is the sampled token, unknown yet
+        host_lengths = lengths.cpu().numpy()
         return TargetTrace(captured=captured, start=torch.zeros_like(lengths), valid=lengths - 1,
-                           next_tokens=next_tokens)
+                           next_tokens=next_tokens, host_start=np.zeros_like(host_lengths),
+                           host_valid=host_lengths - 1)
 
     def _copy_rows(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
         """Copy rows in the target's cache and in the drafter's state alike."""
@@ -256,8 +258,8 @@ class Engine:
     def _speculative_step(self) -> int:
         t0 = time.perf_counter()
         before = self.slots.host_generated[: self.slots.active].copy()
-        result, self._trace = speculative_step(self.model, self.cache, self.slots, self.drafter,
-                                               self.draft_tokens, self.stats.spec, self._trace)
+        result = speculative_step(self.model, self.cache, self.slots, self.drafter, self.draft_tokens,
+                                  self.stats.spec)
         self.stats.decode_steps += 1
         self.stats.generated_tokens += int(self.slots.host_generated[: self.slots.active].sum() - before.sum())
         finished = torch.nonzero(result.ends).flatten().tolist()
@@ -281,7 +283,6 @@ class Engine:
     def _finish_rows(self, finished: list[int]) -> int:
         if not finished:
             return 0
-        self._trace = None  # rows move: a drafter re-reads the target's state from its own cache
         for slot in finished:
             self._finish(slot)
         self.slots.compact(finished, self._copy_rows)

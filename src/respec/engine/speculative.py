@@ -94,7 +94,7 @@ class StepResult:
 
 
 def speculative_step(model: DecoderLM, cache: KVCache, slots: SlotTable, drafter: Drafter, k: int,
-                     stats: SpecStats, trace: TargetTrace | None) -> tuple[StepResult, TargetTrace | None]:
+                     stats: SpecStats) -> StepResult:
     """Draft and verify once for the active rows ``0..B-1``; the caller commits the result."""
     batch = slots.active
     params = slots.row_params(0, batch)
@@ -105,7 +105,7 @@ def speculative_step(model: DecoderLM, cache: KVCache, slots: SlotTable, drafter
     state = DraftState(last_token=slots.last_token[:batch], prev_token=slots.prev_token[:batch],
                        lengths=slots.lengths[:batch], host_lengths=slots.host_lengths[:batch],
                        sequences=slots.sequences[:batch], generated=host_generated,
-                       out_tokens=slots.out_tokens[:batch], trace=trace)
+                       out_tokens=slots.out_tokens[:batch])
     sampler = DraftSampler(params, slots.keys[:batch], host_generated, model.device)
     proposal = drafter.propose(state, k, sampler)
     offered = torch.from_numpy(room).to(model.device)
@@ -131,15 +131,19 @@ def speculative_step(model: DecoderLM, cache: KVCache, slots: SlotTable, drafter
     host_offered = offered.cpu().numpy()
     stats.record(host_accepted, host_offered, counts, k)
     slots.spec_counts[:batch] += np.stack((np.ones_like(counts), host_offered, host_accepted), axis=1)
-    new_trace = None
     if drafter.capture_layers:
-        next_tokens = torch.cat((proposal.tokens, proposal.tokens[:, :1]), dim=1)
-        next_tokens[torch.arange(batch), verdict.num_accepted] = verdict.tokens.gather(
-            1, verdict.num_accepted[:, None]).squeeze(1)
-        new_trace = TargetTrace(captured=out.captured, start=slots.lengths[:batch].clone(),
-                                valid=result.counts, next_tokens=next_tokens)
+        drafter.observe(_trace(out.captured, verdict, result.counts, counts, slots, batch))
     slots.advance_block(result.tokens, result.logprobs, result.counts, counts)
-    return result, new_trace
+    return result
+
+
+def _trace(captured: dict, verdict, counts: torch.Tensor, host_counts: np.ndarray,
+           slots: SlotTable, batch: int) -> TargetTrace:
+    """Positions L .. L+k just verified: the first ``counts`` hold committed tokens, each followed by
+    the next emitted token (an accepted draft, or the residual / bonus token at the end)."""
+    return TargetTrace(captured=captured, start=slots.lengths[:batch].clone(), valid=counts,
+                       next_tokens=verdict.tokens, host_start=slots.host_lengths[:batch].copy(),
+                       host_valid=host_counts.copy())
 
 
 def _emitted(verdict, slots: SlotTable, batch: int) -> StepResult:

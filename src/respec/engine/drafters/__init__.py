@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 from ...models.decoder import DecoderLM
+from ...models.eagle import EAGLE_ARCHITECTURE
 from .base import Drafter, DraftSampler, DraftState, Proposal, TargetTrace, check_vocab
 from .draft_model import DraftModelDrafter
+from .eagle import EagleDrafter
 from .ngram import NgramDrafter
 
 __all__ = [
@@ -28,7 +31,8 @@ def make_drafter(spec: Drafter | str | os.PathLike, target: DecoderLM, tokenizer
     """A drafter from a user's description.
 
     ``"ngram"`` (prompt / sibling / history lookup), ``"self:N"`` (the target's first N layers), a
-    Drafter instance, or a path or preset of a draft model with the target's tokenizer.
+    Drafter instance, a directory holding an EAGLE head (``respec drafter train`` writes one), or a
+    path or preset of a draft model with the target's tokenizer.
     """
     if isinstance(spec, Drafter):
         check_vocab(spec.vocab_size, target.config.vocab_size)
@@ -41,9 +45,21 @@ def make_drafter(spec: Drafter | str | os.PathLike, target: DecoderLM, tokenizer
         if not layers.isdigit():
             raise ValueError(f"drafter: 'self:N' needs a layer count N, got {text!r}")
         return DraftModelDrafter.truncated(target, int(layers))
+    if is_eagle_dir(Path(text)):
+        return EagleDrafter.from_pretrained(text, target)
     drafter_tokenizer = None
     if tokenizer is not None and Path(text).is_dir() and (Path(text) / "tokenizer.json").exists():
         from transformers import AutoTokenizer
 
         drafter_tokenizer = AutoTokenizer.from_pretrained(text)
     return DraftModelDrafter.from_pretrained(text, target, tokenizer, drafter_tokenizer)
+
+
+def is_eagle_dir(path: Path) -> bool:
+    config = path / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("architecture") == EAGLE_ARCHITECTURE
+    except (json.JSONDecodeError, AttributeError):
+        return False

@@ -12,7 +12,7 @@ belongs to active row ``i``, and the engine calls ``copy_rows`` whenever it copi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -48,6 +48,8 @@ class TargetTrace:
     start: torch.Tensor  # [B] int64
     valid: torch.Tensor  # [B] int64
     next_tokens: torch.Tensor  # [B, T] the token after each position (the model's input at t + 1)
+    host_start: np.ndarray  # ``start`` and ``valid`` on the host
+    host_valid: np.ndarray
 
 
 @dataclass
@@ -61,8 +63,6 @@ class DraftState:
     sequences: list[Sequence]  # per row: prompt, request and sample index (for history lookups)
     generated: np.ndarray  # [B] tokens emitted so far per row (host)
     out_tokens: torch.Tensor  # [B, >= generated] emitted tokens per row
-    trace: TargetTrace | None = None  # the last target forward over these rows, if asked for
-    extra: dict = field(default_factory=dict)
 
 
 class DraftSampler:
@@ -86,12 +86,16 @@ class Drafter:
     vocab_size: int
     capture_layers: tuple[int, ...] = ()  # target layers whose outputs ``propose`` needs in the trace
 
-    def allocate(self, rows: int, max_len: int) -> None:
-        """Prepare per-row state for up to ``rows`` rows of up to ``max_len`` positions."""
+    def allocate(self, rows: int, max_len: int, block: int) -> None:
+        """Prepare per-row state for up to ``rows`` rows of up to ``max_len`` positions; a verify
+        step covers ``block`` (k + 1) positions."""
 
     def prefill(self, rows: slice, prompt_ids: torch.Tensor, prompt_lens: torch.Tensor,
                 trace: TargetTrace | None) -> None:
         """New prompts entered rows ``rows`` (right-padded ``prompt_ids [G, W]``)."""
+
+    def observe(self, trace: TargetTrace) -> None:
+        """The target just verified a block for the active rows (only if ``capture_layers``)."""
 
     def copy_rows(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
         """The engine copied rows ``src`` into ``dst`` (first ``length`` positions matter)."""

@@ -53,7 +53,7 @@ class DraftModelDrafter(Drafter):
         return cls(draft)
 
     # ------------------------------------------------------------------ Drafter interface
-    def allocate(self, rows: int, max_len: int) -> None:
+    def allocate(self, rows: int, max_len: int, block: int) -> None:
         if self.cache is None or not self.cache.fits(rows, max_len):
             self.cache = None
             self.cache = KVCache(self.model.config, rows, max_len, self.model.dtype, self.model.device)

@@ -1,0 +1,1 @@
+"""Drafter learning: distillation losses, offline training, and (later) the online learner."""

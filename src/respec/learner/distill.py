@@ -1,0 +1,125 @@
+"""Distillation of the EAGLE head from the target, with a training-time-test (TTT) unroll.
+
+Training data are whole sequences ``x_0 .. x_{T-1}`` with the target's fused features ``F_t`` and its
+logits at every position. Entry ``t`` of the head consumes ``(F_t, x_{t+1})`` and is trained towards
+the target's distribution ``p_{t+1}`` (of ``x_{t+2}``). At inference the head drafts ``j`` steps past
+its last target feature on its own hidden states, so depth ``j`` of the unroll feeds entry ``t`` the
+head's depth ``j-1`` output at ``t-1`` and lets it attend, as its cache would, to depth-0 entries up
+to ``t-j`` and to one entry of each depth ``1..j`` (positions ``t-j+1 .. t``). All depths train at
+once; the loss is forward KL(p || q) as soft cross-entropy, optionally weighted per sequence (the
+online learner's reward weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..models.decoder import DecoderLM
+from ..models.eagle import EagleHead
+
+
+@dataclass
+class DistillBatch:
+    features: torch.Tensor  # [B, T, 3D] target's fused-layer outputs
+    tokens: torch.Tensor  # [B, T]
+    target_logits: torch.Tensor  # [B, T, V'] target logits over the head's output vocabulary
+    prompt_lens: torch.Tensor  # [B]: entries from prompt_len - 1 on are trained (they draft the response)
+    lengths: torch.Tensor  # [B] real tokens per row (rows are right-padded)
+    weights: torch.Tensor | None = None  # [B] per-sequence loss weights (default 1)
+
+
+@dataclass
+class DistillResult:
+    loss: torch.Tensor
+    kl: list[float]  # per depth: mean KL(p || q) over trained entries
+    top1: list[float]  # per depth: argmax q == argmax p
+    alpha: list[float]  # per depth: mean sum_x min(p, q), the acceptance probability of one draft
+
+    @property
+    def tau_sim(self) -> float:
+        """Simulated acceptance length with k = number of depths: 1 + sum_j prod_{i<=j} alpha_i."""
+        total, chain = 1.0, 1.0
+        for alpha in self.alpha:
+            chain *= alpha
+            total += chain
+        return total
+
+
+def ttt_forward(head: EagleHead, target: DecoderLM, batch: DistillBatch, depths: int,
+                temperature: float = 1.0) -> DistillResult:
+    """Loss and per-depth statistics of the head unrolled ``depths`` steps on ``batch``."""
+    features, tokens = batch.features, batch.tokens
+    rows, steps = tokens.shape
+    entries = steps - 1  # entry t pairs F_t with x_{t+1}
+    positions = torch.arange(entries, device=tokens.device)
+    cos, sin = target._rope(positions.expand(rows, entries))
+    embeds = target.embed(tokens[:, 1:])
+    target_logp = F.log_softmax(batch.target_logits[:, 1:].float() / temperature, dim=-1)
+    base_mask = _trained_entries(batch, entries)
+    hidden = head.fuse(features[:, :-1])
+    keys, values, outputs = [], [], []
+    losses, stats = [], {"kl": [], "top1": [], "alpha": []}
+    for depth in range(depths):
+        if depth > 0:  # the head's own previous output, one position back
+            hidden = F.pad(outputs[-1][:, :-1], (0, 0, 1, 0))
+        q, k, v = head.project(embeds, hidden, cos, sin)
+        keys.append(k)
+        values.append(v)
+        mask = _depth_mask(entries, depth, tokens.device)
+        out = head.attend(q, torch.cat(keys, dim=2), torch.cat(values, dim=2), mask, hidden)
+        outputs.append(out)
+        trained = base_mask & (positions[None, :] - depth >= batch.prompt_lens[:, None] - 1)
+        loss, depth_stats = _depth_loss(head, target, out, target_logp, trained, batch.weights, temperature)
+        losses.append(loss)
+        for name, value in depth_stats.items():
+            stats[name].append(value)
+    return DistillResult(loss=torch.stack(losses).mean(), **stats)
+
+
+def _trained_entries(batch: DistillBatch, entries: int) -> torch.Tensor:
+    t = torch.arange(entries, device=batch.tokens.device)[None, :]
+    # p_{t+1} must come from a real position: t + 1 <= length - 1.
+    return (t >= batch.prompt_lens[:, None] - 1) & (t + 1 <= batch.lengths[:, None] - 1)
+
+
+def _depth_mask(entries: int, depth: int, device: torch.device) -> torch.Tensor:
+    """bool ``[T, (depth+1) T]``: depth-0 keys at s <= t - depth, depth-i keys only at s == t - depth + i."""
+    t = torch.arange(entries, device=device)[:, None]
+    s = torch.arange(entries, device=device)[None, :]
+    blocks = [s <= t - depth] + [s == t - depth + i for i in range(1, depth + 1)]
+    # Every row sees at least itself (depth 0: s == t; depth j: its own block), so softmax never
+    # meets an all-masked row; entries with t < depth have no real context and are not trained.
+    return torch.cat(blocks, dim=1)
+
+
+def _depth_loss(head: EagleHead, target: DecoderLM, hidden: torch.Tensor, target_logp: torch.Tensor,
+                trained: torch.Tensor, weights: torch.Tensor | None, temperature: float):
+    """Soft cross-entropy of the head against p on the trained entries only (saves the LM-head cost)."""
+    rows, cols = trained.nonzero(as_tuple=True)
+    if rows.numel() == 0:
+        zero = hidden.sum() * 0.0
+        return zero, {"kl": 0.0, "top1": 0.0, "alpha": 0.0}
+    logits = _head_logits(head, target, hidden[rows, cols]) / temperature
+    q_logp = F.log_softmax(logits, dim=-1)
+    p_logp = target_logp[rows, cols]
+    p = p_logp.exp()
+    cross = -(p * q_logp).sum(-1)
+    row_weight = weights[rows] if weights is not None else torch.ones_like(cross)
+    loss = (cross * row_weight).sum() / row_weight.sum().clamp(min=1e-8)
+    with torch.no_grad():
+        entropy = -(p * p_logp.clamp(min=-1e4)).sum(-1)
+        stats = {"kl": float((cross - entropy).mean()),
+                 "top1": float((q_logp.argmax(-1) == p_logp.argmax(-1)).float().mean()),
+                 "alpha": float(torch.minimum(p, q_logp.exp()).sum(-1).mean())}
+    return loss, stats
+
+
+def _head_logits(head: EagleHead, target: DecoderLM, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits over the head's output vocabulary (the reduced one if it has one)."""
+    normed = target.norm(hidden)
+    if head.draft_head is not None:
+        return head.draft_head(normed).float()
+    return target.logits(normed)

@@ -1,0 +1,218 @@
+"""``respec drafter train``: fit an EAGLE head to a target offline, from the target's own outputs.
+
+1. The target answers a prompt set (built-in arithmetic, or a JSONL file with a ``question`` field).
+2. One target pass per batch of sequences captures the fused-layer features and the logits.
+3. The head is distilled with a TTT unroll over ``depths`` steps; per-depth top-1 agreement and the
+   simulated acceptance length are reported after every epoch on a held-out slice; the head is saved.
+A reduced draft vocabulary (the most frequent tokens of the responses) keeps the head's output
+layer, the main cost of a draft step, small.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..bench import arithmetic_questions, load_questions
+from ..engine.llm import LLM
+from ..engine.params import SamplingParams
+from ..models.decoder import DecoderLM
+from ..models.eagle import EagleConfig, EagleHead
+from .distill import DistillBatch, DistillResult, ttt_forward
+
+
+@dataclass
+class OfflineConfig:
+    model: str = "smollm2-135m"
+    prompts: str | None = None  # JSONL with "question", or "arithmetic"; default GSM8K when present
+    out: str = "drafters/smollm2-eagle"
+    num_prompts: int = 256
+    max_new_tokens: int = 128
+    temperature: float = 0.7
+    depths: int = 4  # TTT unroll = the k the head is trained for
+    epochs: int = 3
+    batch_size: int = 4
+    lr: float = 1e-3
+    draft_vocab_size: int = 4096  # 0 = the full target vocabulary
+    held_out: float = 0.1
+    seed: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for name in ("num_prompts", "max_new_tokens", "depths", "epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature: must be > 0 for distillation, got {self.temperature}")
+        if not 0 <= self.held_out < 1:
+            raise ValueError(f"held_out: must be in [0, 1), got {self.held_out}")
+        if self.draft_vocab_size < 0:
+            raise ValueError(f"draft_vocab_size: must be >= 0, got {self.draft_vocab_size}")
+
+
+@dataclass
+class Example:
+    tokens: torch.Tensor  # [T] prompt + response
+    prompt_len: int
+    features: torch.Tensor | None = None  # [T, 3D]
+    logits: torch.Tensor | None = None  # [T, V'] (bf16 to halve memory)
+
+
+def collect_examples(llm: LLM, questions: list[str], config: OfflineConfig) -> list[Example]:
+    params = SamplingParams(temperature=config.temperature, max_new_tokens=config.max_new_tokens,
+                            seed=config.seed)
+    outputs = llm.generate(questions, params, chat=True, progress=True)
+    return [Example(torch.tensor(o.prompt_token_ids + o.samples[0].token_ids), len(o.prompt_token_ids))
+            for o in outputs]
+
+
+def choose_draft_vocab(examples: list[Example], size: int, vocab_size: int, always: tuple[int, ...]) -> torch.Tensor:
+    """The ``size`` most frequent response tokens (plus ``always``), sorted; empty = full vocabulary."""
+    if size == 0 or size >= vocab_size:
+        return torch.arange(0)
+    counts = Counter()
+    for ex in examples:
+        counts.update(ex.tokens[ex.prompt_len:].tolist())
+    chosen = list(dict.fromkeys([*always, *(t for t, _ in counts.most_common())]))[:size]
+    if len(chosen) < size:  # pad with the lowest unused ids so the size is what was asked
+        used = set(chosen)
+        chosen += [t for t in range(vocab_size) if t not in used][: size - len(chosen)]
+    return torch.tensor(sorted(chosen))
+
+
+@torch.no_grad()
+def extract_targets(target: DecoderLM, examples: list[Example], fuse_layers: tuple[int, ...],
+                    draft_vocab: torch.Tensor, batch_size: int = 8) -> None:
+    """Fill each example's fused features and logits (over the draft vocabulary) from the target."""
+    for start in tqdm(range(0, len(examples), batch_size), desc="target features", leave=False):
+        chunk = examples[start: start + batch_size]
+        ids, lengths = _pad([ex.tokens for ex in chunk])
+        mask = torch.arange(ids.shape[1])[None, :] < lengths[:, None]
+        out = target(ids.to(target.device), attention_mask=mask.to(target.device), capture_layers=fuse_layers)
+        features = torch.cat([out.captured[layer] for layer in fuse_layers], dim=-1).cpu()
+        logits = target.logits(out.hidden).cpu()
+        if draft_vocab.numel():
+            logits = logits[..., draft_vocab]
+        for row, ex in enumerate(chunk):
+            n = int(lengths[row])
+            ex.features, ex.logits = features[row, :n].clone(), logits[row, :n].to(torch.bfloat16)
+
+
+def _pad(sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([len(s) for s in sequences])
+    out = torch.zeros(len(sequences), int(lengths.max()), dtype=sequences[0].dtype)
+    for row, seq in enumerate(sequences):
+        out[row, : len(seq)] = seq
+    return out, lengths
+
+
+def make_batch(examples: list[Example], device: torch.device) -> DistillBatch:
+    tokens, lengths = _pad([ex.tokens for ex in examples])
+    width = tokens.shape[1]
+    features = torch.zeros(len(examples), width, examples[0].features.shape[-1])
+    logits = torch.zeros(len(examples), width, examples[0].logits.shape[-1])
+    for row, ex in enumerate(examples):
+        features[row, : len(ex.tokens)] = ex.features
+        logits[row, : len(ex.tokens)] = ex.logits.float()
+    return DistillBatch(features=features.to(device), tokens=tokens.to(device), target_logits=logits.to(device),
+                        prompt_lens=torch.tensor([ex.prompt_len for ex in examples], device=device),
+                        lengths=lengths.to(device))
+
+
+def evaluate(head: EagleHead, target: DecoderLM, examples: list[Example], config: OfflineConfig) -> dict:
+    """Per-depth statistics averaged over ``examples`` (no gradient)."""
+    totals: dict[str, list[float]] = {}
+    with torch.no_grad():
+        for start in range(0, len(examples), config.batch_size):
+            batch = make_batch(examples[start: start + config.batch_size], target.device)
+            result = ttt_forward(head, target, batch, config.depths, config.temperature)
+            for name in ("kl", "top1", "alpha"):
+                totals.setdefault(name, []).append(getattr(result, name))
+    summary = {name: [sum(v[d] for v in values) / len(values) for d in range(config.depths)]
+               for name, values in totals.items()}
+    summary["tau_sim"] = DistillResult(loss=torch.zeros(()), **summary).tau_sim
+    return summary
+
+
+def train_head(head: EagleHead, target: DecoderLM, train: list[Example], held_out: list[Example],
+               config: OfflineConfig) -> list[dict]:
+    """Adam with cosine decay over all epochs; the target stays frozen."""
+    params = [p for p in head.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    steps = config.epochs * math.ceil(len(train) / config.batch_size)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    rng = random.Random(config.seed)
+    history = []
+    for epoch in range(config.epochs):
+        order = list(range(len(train)))
+        rng.shuffle(order)
+        started, losses = time.perf_counter(), []
+        bar = tqdm(range(0, len(order), config.batch_size), desc=f"epoch {epoch + 1}", leave=False)
+        for start in bar:
+            batch = make_batch([train[i] for i in order[start: start + config.batch_size]], target.device)
+            result = ttt_forward(head, target, batch, config.depths, config.temperature)
+            optimizer.zero_grad(set_to_none=True)
+            result.loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            losses.append(float(result.loss))
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", tau=f"{result.tau_sim:.2f}")
+        report = {"epoch": epoch + 1, "train_loss": sum(losses) / len(losses),
+                  "seconds": time.perf_counter() - started, **evaluate(head, target, held_out or train[:8], config)}
+        history.append(report)
+        print(format_report(report))
+    return history
+
+
+def format_report(report: dict) -> str:
+    top1 = " ".join(f"{a:.2f}" for a in report["top1"])
+    alpha = " ".join(f"{a:.2f}" for a in report["alpha"])
+    return (f"epoch {report['epoch']}: loss {report['train_loss']:.3f}  top-1 per step [{top1}]  "
+            f"alpha per step [{alpha}]  simulated acceptance length {report['tau_sim']:.2f}  "
+            f"({report['seconds']:.0f} s)")
+
+
+def run_offline(config: OfflineConfig, llm: LLM | None = None) -> Path:
+    torch.manual_seed(config.seed)
+    llm = llm or LLM(config.model, device="cpu")
+    target = llm.model
+    for p in target.parameters():
+        p.requires_grad_(False)
+    if config.prompts == "arithmetic":
+        questions = arithmetic_questions(config.num_prompts, config.seed)
+    else:
+        questions = load_questions(config.num_prompts, Path(config.prompts) if config.prompts else None, config.seed)
+    examples = collect_examples(llm, questions, config)
+    eos = tuple(llm.engine.eos_token_ids)
+    vocab = choose_draft_vocab(examples, config.draft_vocab_size, target.config.vocab_size, eos)
+    eagle_config = EagleConfig.for_target(target.config, draft_vocab_size=int(vocab.numel()))
+    head = EagleHead(eagle_config, dtype=target.dtype, device=target.device)
+    if vocab.numel():
+        head.draft_to_target.copy_(vocab)
+        with torch.no_grad():  # start from the target's own output rows
+            head.draft_head.weight.copy_(target.head_weight[vocab.to(target.device)])
+    extract_targets(target, examples, eagle_config.fuse_layers, vocab)
+    held = max(1, int(len(examples) * config.held_out)) if config.held_out and len(examples) > 1 else 0
+    train, held_out = examples[held:], examples[:held]
+    config.history = train_head(head, target, train, held_out, config)
+    covered = _coverage(examples, vocab)
+    out = head.save_pretrained(config.out, extra={"training": {**asdict(config), "response_coverage": covered}})
+    (out / "training.json").write_text(json.dumps({**asdict(config), "response_coverage": covered}, indent=2))
+    print(f"draft vocabulary covers {covered:.1%} of response tokens; saved to {out}")
+    return out
+
+
+def _coverage(examples: list[Example], vocab: torch.Tensor) -> float:
+    if not vocab.numel():
+        return 1.0
+    response = torch.cat([ex.tokens[ex.prompt_len:] for ex in examples])
+    return float(torch.isin(response, vocab).float().mean())
