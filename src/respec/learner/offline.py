@@ -164,7 +164,7 @@ def train_head(head: EagleHead, target: DecoderLM, train: list[Example], held_ou
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             schedule.step()
-            losses.append(float(result.loss))
+            losses.append(result.loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.3f}", tau=f"{result.tau_sim:.2f}")
         report = {"epoch": epoch + 1, "train_loss": sum(losses) / len(losses),
                   "seconds": time.perf_counter() - started, **evaluate(head, target, held_out or train[:8], config)}

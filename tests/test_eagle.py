@@ -1,0 +1,125 @@
+"""The EAGLE-3 head: persistence, checks against the target, cache consistency in the engine, training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from respec import LLM, SamplingParams
+from respec.engine import speculative as speculative_module
+from respec.engine.drafters import EagleDrafter
+from respec.engine.drafters.base import DraftSampler
+from respec.learner.distill import DistillBatch, ttt_forward
+from respec.models.eagle import EagleConfig, EagleHead
+
+
+@pytest.fixture(scope="module")
+def target_llm(tiny_llama) -> LLM:
+    llm = LLM(str(tiny_llama), device="cpu")
+    for p in llm.model.parameters():
+        p.requires_grad_(False)
+    return llm
+
+
+def random_head(target, draft_vocab_size: int = 0, seed: int = 0) -> EagleHead:
+    torch.manual_seed(seed)
+    head = EagleHead(EagleConfig.for_target(target.config, draft_vocab_size=draft_vocab_size))
+    with torch.no_grad():  # larger weights than the default init, so drafts are not all alike
+        for p in head.parameters():
+            p.normal_(0, 0.2)
+    return head
+
+
+def test_save_and_load_round_trip(target_llm, tmp_path):
+    head = random_head(target_llm.model, draft_vocab_size=32)
+    head.draft_to_target.copy_(torch.arange(0, 64, 2))
+    head.save_pretrained(tmp_path / "eagle")
+    loaded = EagleHead.from_pretrained(tmp_path / "eagle", target_llm.model)
+    for (name, a), (_, b) in zip(head.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    hidden = torch.randn(3, target_llm.model.config.hidden_size)
+    logits = loaded.logits(hidden, target_llm.model)
+    outside = torch.ones(logits.shape[-1], dtype=torch.bool)
+    outside[head.draft_to_target] = False
+    assert torch.isinf(logits[:, outside]).all() and torch.isfinite(logits[:, ~outside]).all()
+
+
+def test_mismatched_target_is_refused(target_llm, tmp_path):
+    head = random_head(target_llm.model)
+    config = EagleConfig(**{**head.config.__dict__, "vocab_size": head.config.vocab_size + 1})
+    with pytest.raises(ValueError, match=rf"vocabulary size {config.vocab_size} .* {head.config.vocab_size}"):
+        config.check_target(target_llm.model.config)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text('{"architecture": "llama"}')
+    (tmp_path / "bad" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="not an EAGLE head"):
+        EagleHead.from_pretrained(tmp_path / "bad", target_llm.model)
+
+
+def reference_first_draft_logits(head: EagleHead, target, committed: list[int]) -> torch.Tensor:
+    """The head's logits for the token after ``committed``, computed from scratch without caches."""
+    ids = torch.tensor([committed[:-1]])
+    out = target(ids, capture_layers=head.config.fuse_layers)
+    features = torch.cat([out.captured[i] for i in head.config.fuse_layers], dim=-1)
+    steps = ids.shape[1]
+    cos, sin = target._rope(torch.arange(steps)[None])
+    hidden = head.fuse(features)
+    q, k, v = head.project(target.embed(torch.tensor([committed[1:]])), hidden, cos, sin)
+    causal = torch.ones(steps, steps, dtype=torch.bool).tril()
+    return head.logits(head.attend(q, k, v, causal, hidden)[0, -1], target)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_engine_drafts_match_a_from_scratch_head(target_llm, k, monkeypatch):
+    """After prefill, partial and full acceptance, the head's cached catch-up gives the same first
+    draft as recomputing everything from the committed tokens (vLLM #9730 is this bug class)."""
+    model = target_llm.model
+    head = random_head(model)
+    llm = LLM(model, tokenizer=target_llm.tokenizer, drafter=EagleDrafter(head, model), speculative=k,
+              max_num_seqs=3)
+    checked = []
+
+    class CheckingSampler(DraftSampler):
+        def __call__(self, step, logits):
+            if step == 0:
+                slots = llm.engine.slots
+                for row in range(slots.active):
+                    seq = slots.sequences[row]
+                    done = int(slots.host_generated[row])
+                    committed = seq.prompt_ids + slots.out_tokens[row, :done].tolist()
+                    expected = reference_first_draft_logits(head, model, committed)
+                    torch.testing.assert_close(logits[row], expected, atol=1e-4, rtol=1e-4)
+                    checked.append(done)
+            return super().__call__(step, logits)
+
+    monkeypatch.setattr(speculative_module, "DraftSampler", CheckingSampler)
+    prompts = [[5, 17, 33, 40, 41], [7, 8, 9], [60, 61, 62, 63, 64, 65, 66], [11, 12]]
+    llm.generate(prompts, SamplingParams(temperature=0.8, max_new_tokens=20, ignore_eos=True, n=2, seed=3),
+                 progress=False)
+    assert len(checked) > 20 and 0 < llm.stats.spec.accepted
+
+
+def test_ttt_training_reduces_the_loss(target_llm):
+    """The head overfits a fixed batch: distillation loss falls by at least half in 50 steps."""
+    model = target_llm.model
+    head = random_head(model, seed=1)
+    torch.manual_seed(0)
+    tokens = torch.randint(3, 96, (4, 24))
+    with torch.no_grad():
+        out = model(tokens, capture_layers=head.config.fuse_layers)
+        features = torch.cat([out.captured[i] for i in head.config.fuse_layers], dim=-1)
+        logits = model.logits(out.hidden)
+    batch = DistillBatch(features=features, tokens=tokens, target_logits=logits,
+                         prompt_lens=torch.tensor([4, 6, 8, 5]), lengths=torch.tensor([24, 24, 20, 24]))
+    optimizer = torch.optim.Adam(head.parameters(), lr=3e-3)
+    first = None
+    for _ in range(50):
+        result = ttt_forward(head, model, batch, depths=3)
+        optimizer.zero_grad()
+        result.loss.backward()
+        optimizer.step()
+        first = first if first is not None else result.loss.item()
+    entropy = -(logits.log_softmax(-1).exp() * logits.log_softmax(-1)).sum(-1)[:, 1:].mean()
+    # Cross-entropy = KL + H(p): compare the KL part, the only part training can remove.
+    assert float(result.loss) - float(entropy) <= 0.5 * (first - float(entropy))
+    assert len(result.alpha) == 3 and result.tau_sim > 1
