@@ -82,7 +82,9 @@ def _accept_mask(target_logprobs: torch.Tensor, draft_tokens: torch.Tensor, draf
              else torch.zeros_like(log_p))
     # u < p/q, compared in log space: no division, and q(x) = 0 (a drafter that proposed a token it
     # gave no mass) reads as ratio +inf, i.e. accept, matching min(1, p/q) with the limit taken.
-    sampled_ok = torch.log(accept_uniforms.to(log_p.dtype)) < log_p - log_q
+    # float64: in float32 a uniform just below 1 rounds to 1 and log u = 0 would reject a draft that
+    # must always be accepted (p(x) >= q(x)).
+    sampled_ok = torch.log(accept_uniforms.double()) < log_p.double() - log_q.double()
     return torch.where(greedy[:, None], greedy_ok, sampled_ok)
 
 
@@ -92,16 +94,18 @@ def _next_token(p_logprobs: torch.Tensor, draft_tokens: torch.Tensor, draft_logp
     """The token emitted after the accepted drafts: residual draw if rejected, else a bonus draw."""
     argmax = p_logprobs.argmax(dim=-1)
     if uniforms is None:
+        if not bool(greedy.all()):
+            raise ValueError("resample_uniforms: required when some row samples (temperature > 0)")
         return argmax
     batch, k = draft_tokens.shape
     rows = torch.arange(batch, device=draft_tokens.device)
     p = p_logprobs.double().exp()
-    at = position.clamp(max=k - 1) if k > 0 else position
-    if draft_logprobs is not None:
-        q = draft_logprobs[rows, at].double().exp()
-    else:
-        q = torch.zeros_like(p)
-        if k > 0:
+    q = torch.zeros_like(p)  # k == 0: nothing was drafted, nothing can be rejected
+    if k > 0:
+        at = position.clamp(max=k - 1)
+        if draft_logprobs is not None:
+            q = draft_logprobs[rows, at].double().exp()
+        else:
             q[rows, draft_tokens[rows, at]] = 1.0
     residual = (p - q).clamp_(min=0.0)
     mass = residual.sum(dim=-1, keepdim=True)
