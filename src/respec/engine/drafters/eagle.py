@@ -1,0 +1,117 @@
+"""The EAGLE-3-style head as a drafter: catch up on the target's features, then draft ahead.
+
+After every target forward (prefill or verify) the engine hands over the fused-layer features of the
+positions it just committed (``observe``). They stay pending, one block per row, until the next
+``propose``, which runs them through the head in one forward (writing the head's KV cache at their
+positions and yielding the first draft from the last one), then drafts one token per further step
+from the head's own hidden state. The last pending entry always pairs with the row's newest token,
+which is only known once sampled: after prefill that is the first generated token, after a verify
+the residual or bonus token.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from ...models.decoder import DecoderLM, ForwardContext
+from ...models.eagle import EagleHead
+from ..cache import KVCache
+from .base import Drafter, DraftSampler, DraftState, Proposal, TargetTrace
+
+
+class EagleDrafter(Drafter):
+    def __init__(self, head: EagleHead, target: DecoderLM) -> None:
+        head.config.check_target(target.config)
+        self.head, self.target = head, target
+        self.vocab_size = head.config.vocab_size
+        self.capture_layers = tuple(head.config.fuse_layers)
+        self.cache: KVCache | None = None
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, target: DecoderLM) -> EagleDrafter:
+        return cls(EagleHead.from_pretrained(path, target), target)
+
+    # ------------------------------------------------------------------ state
+    def allocate(self, rows: int, max_len: int, block: int) -> None:
+        config, device, dtype = self.head.config, self.target.device, self.target.dtype
+        if self.cache is None or not self.cache.fits(rows, max_len):
+            self.cache = None
+            self.cache = KVCache(config.as_model_config(), rows, max_len, dtype, device)
+        width = max(block, 1)
+        self.features = torch.zeros(rows, width, 3 * config.hidden_size, dtype=dtype, device=device)
+        self.tokens = torch.zeros(rows, width, dtype=torch.int64, device=device)
+        self.start = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.count = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.host_start = np.zeros(rows, dtype=np.int64)
+        self.host_count = np.zeros(rows, dtype=np.int64)
+
+    def _fused(self, captured: dict[int, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([captured[layer] for layer in self.capture_layers], dim=-1)
+
+    def prefill(self, rows: slice, prompt_ids: torch.Tensor, prompt_lens: torch.Tensor,
+                trace: TargetTrace | None) -> None:
+        features = self._fused(trace.captured)
+        width = prompt_ids.shape[1]
+        positions = torch.arange(width, device=prompt_ids.device).expand_as(prompt_ids)
+        # Entries 0..n-2 pair prompt features with the next prompt token; entry n-1 waits for the
+        # first sampled token, and entries past it (padding) are rewritten before anything reads them.
+        self._run(trace.next_tokens, self.head.fuse(features), positions, rows, kv_len=width)
+        last = prompt_lens - 1
+        group = torch.arange(len(prompt_lens), device=prompt_ids.device)
+        self.features[rows, 0] = features[group, last]
+        self.start[rows], self.count[rows] = last, 1
+        self.host_start[rows], self.host_count[rows] = trace.host_valid, 1
+
+    def observe(self, trace: TargetTrace) -> None:
+        batch, width = trace.next_tokens.shape
+        self.features[:batch, :width] = self._fused(trace.captured)
+        self.tokens[:batch, :width] = trace.next_tokens
+        self.start[:batch], self.count[:batch] = trace.start, trace.valid
+        self.host_start[:batch], self.host_count[:batch] = trace.host_start, trace.host_valid
+
+    def copy_rows(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
+        self.cache.copy_rows(src, dst, length)
+        for tensor in (self.features, self.tokens, self.start, self.count):
+            tensor[dst] = tensor[src]
+        host_src, host_dst = src.cpu().numpy(), dst.cpu().numpy()
+        for array in (self.host_start, self.host_count):
+            array[host_dst] = array[host_src]
+
+    # ------------------------------------------------------------------ drafting
+    def _run(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, rows: slice,
+             kv_len: int) -> torch.Tensor:
+        """One head forward over entries (token, hidden) at ``positions``, through the head's cache."""
+        ctx: ForwardContext = self.target._cache_context(positions, self.cache, rows, kv_len)
+        q, k, v = self.head.project(self.target.embed(tokens), hidden, ctx.cos, ctx.sin)
+        head_dim = self.head.config.head_dim
+        keys, values = self.cache.keys[0], self.cache.values[0]
+        keys.view(-1, head_dim).index_copy_(0, ctx.write_index, k.reshape(-1, head_dim))
+        values.view(-1, head_dim).index_copy_(0, ctx.write_index, v.reshape(-1, head_dim))
+        return self.head.attend(q, keys[rows, :, :kv_len], values[rows, :, :kv_len], ctx.mask, hidden)
+
+    def propose(self, state: DraftState, k: int, sampler: DraftSampler) -> Proposal:
+        batch = state.last_token.shape[0]
+        rows, index = slice(0, batch), torch.arange(batch, device=state.last_token.device)
+        width = int(self.host_count[:batch].max())
+        count, start = self.count[:batch], self.start[:batch]
+        tokens = self.tokens[:batch, :width].clone()
+        tokens[index, count - 1] = state.last_token
+        positions = start[:, None] + torch.arange(width, device=tokens.device)
+        kv_len = int((self.host_start[:batch] + width).max())
+        hidden = self._run(tokens, self.head.fuse(self.features[:batch, :width]), positions, rows, kv_len)
+        hidden = hidden[index, count - 1]
+        position = start + count - 1  # of the entry whose output drafts the next token
+        drafts, logprobs = [], []
+        for step in range(k):
+            token, q = sampler(step, self.head.logits(hidden, self.target))
+            drafts.append(token)
+            logprobs.append(q)
+            if step == k - 1:
+                break
+            position = position + 1
+            kv_len += 1
+            hidden = self._run(token[:, None], hidden[:, None], position[:, None], rows, kv_len)[:, 0]
+        return Proposal(tokens=torch.stack(drafts, dim=1), logprobs=torch.stack(logprobs, dim=1))
