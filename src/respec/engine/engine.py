@@ -292,7 +292,8 @@ class Engine:
                           before: np.ndarray | None = None) -> list[int]:
         if self.slots.stop_string_rows == 0:  # the common case: no text to look at, no loop over rows
             return []
-        rows = [r for r in range(lo, hi) if self.slots.sequences[r].params.stop and r not in already]
+        # Rows that end anyway are checked too: a stop string completed earlier in the block wins.
+        rows = [r for r in range(lo, hi) if self.slots.sequences[r].params.stop]
         if not rows:
             return []
         if self.decode_text is None:
@@ -312,7 +313,8 @@ class Engine:
                 if hit is not None:
                     seq.stop_text_hit = hit
                     self.slots.host_generated[slot] = end
-                    hits.append(slot)
+                    if slot not in already:
+                        hits.append(slot)
                     break
         return hits
 

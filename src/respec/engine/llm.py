@@ -83,6 +83,8 @@ class LLM:
         self.drafter = make_drafter(drafter, self.model, self.tokenizer) if drafter is not None else None
         if isinstance(speculative, int) and not isinstance(speculative, bool):
             speculative = SpeculativeConfig(num_draft_tokens=speculative)
+        elif speculative is not None and not isinstance(speculative, SpeculativeConfig):
+            raise ValueError(f"speculative: expected an int k or a SpeculativeConfig, got {speculative!r}")
         if speculative is not None and self.drafter is None:
             raise ValueError("speculative: needs a drafter (drafter='ngram', 'self:N', a model path or a Drafter)")
         self.engine = Engine(
