@@ -125,7 +125,8 @@ def logprob_check(llm: LLM, prompts: list[list[int]], params: SamplingParams, ma
             recomputed = logprobs.gather(-1, ids[0, len(output.prompt_token_ids):, None]).squeeze(-1).cpu()
             worst = max(worst, float((recomputed - torch.tensor(sample.logprobs)).abs().max()))
     tolerance = 1e-4 if llm.model.dtype == torch.float32 else 2e-2
-    return AuditCheck("logprobs", worst <= tolerance, f"max |rollout - recompute| = {worst:.2e} (pass <= {tolerance:g})")
+    return AuditCheck("logprobs", worst <= tolerance,
+                      f"max |rollout - recompute| = {worst:.2e} (pass <= {tolerance:g})")
 
 
 @contextlib.contextmanager

@@ -156,7 +156,8 @@ def run_bench(model: str = "smollm2-135m", batch_sizes: tuple[int, ...] = (1, 8,
     return {
         "model": model, "device": str(llm.model.device), "dtype": str(llm.model.dtype),
         "threads": torch.get_num_threads(), "read_bandwidth_gb_s": bandwidth / 1e9 if bandwidth else None,
-        "weight_bytes_per_step": weight_bytes_per_step(llm.model), "floor_ms_per_token": floor_s * 1e3 if floor_s else None,
+        "weight_bytes_per_step": weight_bytes_per_step(llm.model),
+        "floor_ms_per_token": floor_s * 1e3 if floor_s else None,
         "rows": [asdict(r) for r in rows],
     }
 
@@ -166,7 +167,8 @@ def format_table(result: dict) -> str:
              f"threads={result['threads']}"]
     if result["read_bandwidth_gb_s"]:
         lines.append(f"read bandwidth {result['read_bandwidth_gb_s']:.1f} GB/s; weights read per step "
-                     f"{result['weight_bytes_per_step'] / 1e6:.0f} MB; floor {result['floor_ms_per_token']:.1f} ms/token")
+                     f"{result['weight_bytes_per_step'] / 1e6:.0f} MB; "
+                     f"floor {result['floor_ms_per_token']:.1f} ms/token")
     lines.append(f"{'system':<14}{'batch':>6}{'tokens':>8}{'seconds':>10}{'tok/s':>10}{'vs HF':>8}{'floor':>8}")
     for r in result["rows"]:
         speed = f"{r['speedup_vs_transformers']:.2f}x" if r["speedup_vs_transformers"] else "-"

@@ -262,7 +262,7 @@ class Engine:
                                   self.stats.spec)
         self.stats.decode_steps += 1
         self.stats.generated_tokens += int(self.slots.host_generated[: self.slots.active].sum() - before.sum())
-        finished = torch.nonzero(result.ends).flatten().tolist()
+        finished = list(result.finished)
         finished += self._stop_string_hits(0, self.slots.active, finished, before)
         self.stats.decode_s += time.perf_counter() - t0
         return self._finish_rows(finished)

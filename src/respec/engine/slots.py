@@ -70,8 +70,8 @@ class SlotTable:
         self._row_params: RowParams | None = None
 
     def _device_tensors(self) -> tuple[torch.Tensor, ...]:
-        return (self.last_token, self.prev_token, self.lengths, self.generated, self.max_new, self.temperature, self.top_k,
-                self.top_p, self.stop_ids, self.out_tokens, self.out_logprobs)
+        return (self.last_token, self.prev_token, self.lengths, self.generated, self.max_new, self.temperature,
+                self.top_k, self.top_p, self.stop_ids, self.out_tokens, self.out_logprobs)
 
     def fill(self, start: int, sequences: list[Sequence]) -> None:
         """Write the settings of freshly admitted sequences into slots ``start..``."""

@@ -71,18 +71,24 @@ class SpecStats:
         return [a / o if o else 0.0 for a, o in zip(self.accepted_at, self.offered_at)]
 
     def record(self, num_accepted: np.ndarray, offered: np.ndarray, emitted: np.ndarray, k: int) -> None:
-        for values in (self.accepted_at, self.offered_at):
-            values.extend([0] * (k - len(values)))
-        self.histogram.extend([0] * (k + 1 - len(self.histogram)))
         self.verify_steps += len(num_accepted)
         self.drafted += int(offered.sum())
         self.accepted += int(num_accepted.sum())
         self.emitted += int(emitted.sum())
-        positions = np.arange(k)
-        reached = (positions[None, :] <= num_accepted[:, None]) & (positions[None, :] < offered[:, None])
-        self.offered_at[:k] = (np.asarray(self.offered_at[:k]) + reached.sum(0)).tolist()
-        self.accepted_at[:k] = (np.asarray(self.accepted_at[:k]) + (positions[None, :] < num_accepted[:, None]).sum(0)).tolist()
-        self.histogram[: k + 1] = (np.asarray(self.histogram[: k + 1]) + np.bincount(num_accepted, minlength=k + 1)).tolist()
+        positions = np.arange(k)[None, :]
+        reached = (positions <= num_accepted[:, None]) & (positions < offered[:, None])
+        self.offered_at = _add(self.offered_at, reached.sum(0))
+        self.accepted_at = _add(self.accepted_at, (positions < num_accepted[:, None]).sum(0))
+        self.histogram = _add(self.histogram, np.bincount(num_accepted, minlength=k + 1))
+
+
+def _add(totals: list[int], increments: np.ndarray) -> list[int]:
+    """Element-wise sum of a running list and new counts, growing the list when k grows."""
+    size = max(len(totals), len(increments))
+    summed = np.zeros(size, dtype=np.int64)
+    summed[: len(totals)] += np.asarray(totals, dtype=np.int64)
+    summed[: len(increments)] += increments
+    return summed.tolist()
 
 
 @dataclass
@@ -91,6 +97,7 @@ class StepResult:
     logprobs: torch.Tensor  # [B, k+1]
     counts: torch.Tensor  # [B] tokens emitted per row (>= 1)
     ends: torch.Tensor  # [B] bool: a stop token was emitted, a logprob is NaN, or the budget is spent
+    finished: list[int] = field(default_factory=list)  # the rows where ``ends`` holds (host)
 
 
 def speculative_step(model: DecoderLM, cache: KVCache, slots: SlotTable, drafter: Drafter, k: int,
@@ -126,9 +133,10 @@ def speculative_step(model: DecoderLM, cache: KVCache, slots: SlotTable, drafter
     verdict = verify_drafts(target, proposal.tokens, proposal.logprobs, accept_u, resample_u,
                             params.temperature == 0, offered)
     result = _emitted(verdict, slots, batch)
-    counts = result.counts.cpu().numpy()  # the step's one device sync (with the ends below)
-    host_accepted = verdict.num_accepted.cpu().numpy()
-    host_offered = offered.cpu().numpy()
+    # The step's one device -> host transfer: what the host needs to book-keep and to finish rows.
+    host = torch.stack((result.counts, verdict.num_accepted, offered, result.ends.long())).cpu().numpy()
+    counts, host_accepted, host_offered = host[0].copy(), host[1], host[2]
+    result.finished = np.flatnonzero(host[3]).tolist()
     stats.record(host_accepted, host_offered, counts, k)
     slots.spec_counts[:batch] += np.stack((np.ones_like(counts), host_offered, host_accepted), axis=1)
     if drafter.capture_layers:

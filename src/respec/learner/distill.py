@@ -102,7 +102,7 @@ def _depth_loss(head: EagleHead, target: DecoderLM, hidden: torch.Tensor, target
     if rows.numel() == 0:
         zero = hidden.sum() * 0.0
         return zero, {"kl": 0.0, "top1": 0.0, "alpha": 0.0}
-    logits = _head_logits(head, target, hidden[rows, cols]) / temperature
+    logits = head.head_logits(hidden[rows, cols], target) / temperature
     q_logp = F.log_softmax(logits, dim=-1)
     p_logp = target_logp[rows, cols]
     p = p_logp.exp()
@@ -116,10 +116,3 @@ def _depth_loss(head: EagleHead, target: DecoderLM, hidden: torch.Tensor, target
                  "alpha": float(torch.minimum(p, q_logp.exp()).sum(-1).mean())}
     return loss, stats
 
-
-def _head_logits(head: EagleHead, target: DecoderLM, hidden: torch.Tensor) -> torch.Tensor:
-    """Logits over the head's output vocabulary (the reduced one if it has one)."""
-    normed = target.norm(hidden)
-    if head.draft_head is not None:
-        return head.draft_head(normed).float()
-    return target.logits(normed)

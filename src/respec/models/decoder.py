@@ -97,12 +97,18 @@ class Attention(nn.Module):
 
     def _write_and_read_cache(self, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext):
         """Store the new keys/values ``[B, T, kv_heads, head_dim]``; return the rows' cached ones."""
-        key_cache, value_cache = ctx.cache.keys[self.layer_index], ctx.cache.values[self.layer_index]
-        new_k = k.transpose(1, 2).reshape(-1, self.head_dim)
-        new_v = v.transpose(1, 2).reshape(-1, self.head_dim)
-        key_cache.view(-1, self.head_dim).index_copy_(0, ctx.write_index, new_k)
-        value_cache.view(-1, self.head_dim).index_copy_(0, ctx.write_index, new_v)
-        return key_cache[ctx.rows, :, : ctx.kv_len], value_cache[ctx.rows, :, : ctx.kv_len]
+        return write_and_read_cache(ctx.cache.keys[self.layer_index], ctx.cache.values[self.layer_index],
+                                    k.transpose(1, 2), v.transpose(1, 2), ctx)
+
+
+def write_and_read_cache(key_cache: torch.Tensor, value_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write new keys/values ``[B, kv_heads, T, head_dim]`` into one layer's cache at the context's
+    rows and positions; return that layer's keys/values of the rows up to ``ctx.kv_len``."""
+    head_dim = k.shape[-1]
+    key_cache.view(-1, head_dim).index_copy_(0, ctx.write_index, k.reshape(-1, head_dim))
+    value_cache.view(-1, head_dim).index_copy_(0, ctx.write_index, v.reshape(-1, head_dim))
+    return key_cache[ctx.rows, :, : ctx.kv_len], value_cache[ctx.rows, :, : ctx.kv_len]
 
 
 class MLP(nn.Module):

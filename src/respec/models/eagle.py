@@ -125,14 +125,20 @@ class EagleHead(nn.Module):
         h = hidden + self.o_proj(out.transpose(1, 2).reshape(batch, steps, self.q_size))
         return h + self.mlp(self.post_attn_norm(h))
 
-    def logits(self, hidden: torch.Tensor, target: DecoderLM) -> torch.Tensor:
-        """fp32 logits over the target's vocabulary (-inf outside a reduced draft vocabulary)."""
+    def head_logits(self, hidden: torch.Tensor, target: DecoderLM) -> torch.Tensor:
+        """fp32 logits over the head's own output vocabulary (the reduced one if it has one)."""
         normed = target.norm(hidden)
         if self.draft_head is None:
             return target.logits(normed)
-        small = self.draft_head(normed).float()
-        full = small.new_full((*small.shape[:-1], self.config.vocab_size), float("-inf"))
-        return full.index_copy_(-1, self.draft_to_target, small)
+        return self.draft_head(normed).float()
+
+    def logits(self, hidden: torch.Tensor, target: DecoderLM) -> torch.Tensor:
+        """fp32 logits over the target's vocabulary (-inf outside a reduced draft vocabulary)."""
+        logits = self.head_logits(hidden, target)
+        if self.draft_head is None:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], self.config.vocab_size), float("-inf"))
+        return full.index_copy_(-1, self.draft_to_target, logits)
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, out_dir: str | os.PathLike, extra: dict | None = None) -> Path:

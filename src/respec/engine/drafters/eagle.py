@@ -16,7 +16,7 @@ import os
 import numpy as np
 import torch
 
-from ...models.decoder import DecoderLM, ForwardContext
+from ...models.decoder import DecoderLM, ForwardContext, write_and_read_cache
 from ...models.eagle import EagleHead
 from ..cache import KVCache
 from .base import Drafter, DraftSampler, DraftState, Proposal, TargetTrace
@@ -86,11 +86,8 @@ class EagleDrafter(Drafter):
         """One head forward over entries (token, hidden) at ``positions``, through the head's cache."""
         ctx: ForwardContext = self.target._cache_context(positions, self.cache, rows, kv_len)
         q, k, v = self.head.project(self.target.embed(tokens), hidden, ctx.cos, ctx.sin)
-        head_dim = self.head.config.head_dim
-        keys, values = self.cache.keys[0], self.cache.values[0]
-        keys.view(-1, head_dim).index_copy_(0, ctx.write_index, k.reshape(-1, head_dim))
-        values.view(-1, head_dim).index_copy_(0, ctx.write_index, v.reshape(-1, head_dim))
-        return self.head.attend(q, keys[rows, :, :kv_len], values[rows, :, :kv_len], ctx.mask, hidden)
+        keys, values = write_and_read_cache(self.cache.keys[0], self.cache.values[0], k, v, ctx)
+        return self.head.attend(q, keys, values, ctx.mask, hidden)
 
     def propose(self, state: DraftState, k: int, sampler: DraftSampler) -> Proposal:
         batch = state.last_token.shape[0]
