@@ -368,8 +368,8 @@ def test_cache_equals_fresh_prefill_after_every_round(target, ar, vocab, draft_c
     llm = speculative_llm(target, drafter, k, draft_checkpoint, max_num_seqs=4)
     real_step, rounds = engine_module.speculative_step, []
 
-    def checked_step(model_, cache, slots, drafter_, k_, stats):
-        result = real_step(model_, cache, slots, drafter_, k_, stats)
+    def checked_step(model_, cache, slots, drafter_, k_, stats, **kwargs):
+        result = real_step(model_, cache, slots, drafter_, k_, stats, **kwargs)
         for row in range(slots.active):
             tokens = committed_tokens(slots, row)
             assert len(tokens) == slots.host_lengths[row] == int(slots.lengths[row])

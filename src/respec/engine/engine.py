@@ -19,6 +19,8 @@ from tqdm.auto import tqdm
 
 from ..models.decoder import DecoderLM
 from .cache import KVCache
+from .controller import OFF, AdaptiveController, Arm, ControllerConfig, StaticController, StepRecord
+from .cost_model import CostModel
 from .drafters.base import Drafter, TargetTrace, check_vocab
 from .params import SamplingParams
 from .rng import random_seed, uniforms
@@ -43,6 +45,8 @@ class GenerationStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     spec: SpecStats = field(default_factory=SpecStats)
+    arm_steps: dict[str, int] = field(default_factory=dict)  # decode steps per arm ("off", "ngram:4", ...)
+    trace: list[StepRecord] = field(default_factory=list)  # per-step decisions (adaptive controller)
 
     @property
     def tokens_per_s(self) -> float:
@@ -63,19 +67,22 @@ class Engine:
         max_prefill_tokens: int = 4096,
         kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
         decode_text: Callable[[list[int]], str] | None = None,
-        drafter: Drafter | None = None,
-        speculative: SpeculativeConfig | None = None,
+        drafter: Drafter | dict[str, Drafter] | None = None,
+        speculative: SpeculativeConfig | ControllerConfig | None = None,
     ) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs: must be >= 1, got {max_num_seqs}")
-        if drafter is not None:
-            check_vocab(drafter.vocab_size, model.config.vocab_size)
         self.model = model
-        self.drafter = drafter
-        self.speculative = speculative if speculative is not None else (SpeculativeConfig() if drafter else None)
+        self.max_num_seqs = max_num_seqs
+        self.drafters = _named_drafters(drafter)
+        for each in self.drafters.values():
+            check_vocab(each.vocab_size, model.config.vocab_size)
+        self.controller = self._make_controller(speculative)
+        self.stats = GenerationStats()
+        if self.controller is not None:
+            self.stats.trace = self.controller.trace
 
         self.eos_token_ids = tuple(eos_token_ids)
-        self.max_num_seqs = max_num_seqs
         self.max_model_len = min(max_model_len or model.config.max_position_embeddings,
                                  model.config.max_position_embeddings)
         self.max_prefill_tokens = max_prefill_tokens
@@ -83,12 +90,32 @@ class Engine:
         self.decode_text = decode_text
         self.cache: KVCache | None = None
         self.slots = SlotTable(0, 0, 0, model.device)  # sized per generate() call in _prepare
-        self.stats = GenerationStats()
+        self._synced: set[str] = set()  # drafters whose state covers every active row's tokens
+
+    def _make_controller(self, speculative) -> StaticController | AdaptiveController | None:
+        if not self.drafters:
+            return None
+        if isinstance(speculative, ControllerConfig):
+            cost = CostModel.profile(self.model, self.max_num_seqs, max(speculative.ks) + 1,
+                                     cache_dir=speculative.profile_cache, decay=speculative.cost_decay)
+            kinds = {name: d.catch_up_kind for name, d in self.drafters.items()}
+            return AdaptiveController(speculative, kinds, cost)
+        if speculative is not None and not isinstance(speculative, SpeculativeConfig):
+            raise ValueError(f"speculative: expected a SpeculativeConfig or ControllerConfig, got {speculative!r}")
+        if len(self.drafters) > 1:
+            raise ValueError("speculative: several drafters need ControllerConfig (adaptive) to choose among them")
+        k = (speculative or SpeculativeConfig()).num_draft_tokens
+        return StaticController(Arm(next(iter(self.drafters)), k))
+
+    @property
+    def drafter(self) -> Drafter | None:
+        """The drafter, when there is exactly one."""
+        return next(iter(self.drafters.values())) if len(self.drafters) == 1 else None
 
     @property
     def draft_tokens(self) -> int:
-        """k when speculating, else 0."""
-        return self.speculative.num_draft_tokens if self.drafter is not None and self.speculative else 0
+        """The largest k any step may draft (0 without drafters): sizes the cache and the slots."""
+        return self.controller.max_k if self.controller is not None else 0
 
     # ---------------------------------------------------------------- public API
     def generate(self, requests: list[Request], progress: bool = False) -> list[list[Sequence]]:
@@ -150,8 +177,9 @@ class Engine:
         max_stop = max(len(s.stop_ids) for g in groups for s in g)
         self.slots = SlotTable(rows, max(g[0].params.max_new_tokens for g in groups), max_stop, self.model.device,
                                block=self.draft_tokens + 1)
-        if self.draft_tokens:
-            self.drafter.allocate(rows, max_len, self.draft_tokens + 1)
+        for each in self.drafters.values():
+            each.allocate(rows, max_len, self.draft_tokens + 1)
+        self._synced = set(self.drafters)
 
     # ---------------------------------------------------------------- the loop
     @torch.inference_mode()
@@ -200,10 +228,11 @@ class Engine:
             ids[row, : len(prompt)] = torch.tensor(prompt, device=device)
         positions = torch.arange(width, device=device).expand(len(prompts), width)
         rows = slice(start, start + len(prompts))
-        capture = self.drafter.capture_layers if self.draft_tokens else ()
+        capture = tuple(sorted({layer for d in self.drafters.values() for layer in d.capture_layers}))
         out = self.model(ids, positions, cache=self.cache, rows=rows, kv_len=width, capture_layers=capture)
-        if self.draft_tokens:
-            self.drafter.prefill(rows, ids, lengths, self._prefill_trace(out.captured, ids, lengths))
+        trace = self._prefill_trace(out.captured, ids, lengths)
+        for each in self.drafters.values():
+            each.prefill(rows, ids, lengths, trace)
         last_hidden = out.hidden[torch.arange(len(prompts), device=device), lengths - 1]
         logits = self.model.logits(last_hidden)
         # Sample 0 of each request sits in the prefilled slot; siblings get copies of its cache rows.
@@ -233,8 +262,8 @@ class Engine:
     def _copy_rows(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
         """Copy rows in the target's cache and in the drafter's state alike."""
         self.cache.copy_rows(src, dst, length)
-        if self.draft_tokens:
-            self.drafter.copy_rows(src, dst, length)
+        for each in self.drafters.values():
+            each.copy_rows(src, dst, length)
 
     def _decode_step(self) -> int:
         """One step for every active row; returns how many sequences finished."""
@@ -242,9 +271,21 @@ class Engine:
         active = slots.active
         if active == 0:
             return 0
-        if self.draft_tokens:
-            return self._speculative_step()
+        arm = self.controller.choose(active) if self.controller is not None else OFF
+        label = arm.label
+        self.stats.arm_steps[label] = self.stats.arm_steps.get(label, 0) + 1
+        if arm.drafter is not None:
+            return self._speculative_step(arm)
         t0 = time.perf_counter()
+        finished = self._ar_step(active)
+        if self.controller is not None:
+            self._synced.clear()
+            self.controller.record(OFF, active, time.perf_counter() - t0, 0.0, None, active)
+        return finished
+
+    def _ar_step(self, active: int) -> int:
+        t0 = time.perf_counter()
+        slots = self.slots
         kv_len = int(slots.host_lengths[:active].max()) + 1
         out = self.model(slots.last_token[:active, None], slots.lengths[:active, None], cache=self.cache,
                          rows=slice(0, active), kv_len=kv_len)
@@ -255,16 +296,22 @@ class Engine:
         self.stats.decode_s += time.perf_counter() - t0
         return finished
 
-    def _speculative_step(self) -> int:
+    def _speculative_step(self, arm: Arm) -> int:
         t0 = time.perf_counter()
-        before = self.slots.host_generated[: self.slots.active].copy()
-        result = speculative_step(self.model, self.cache, self.slots, self.drafter, self.draft_tokens,
-                                  self.stats.spec)
+        active = self.slots.active
+        before = self.slots.host_generated[:active].copy()
+        result = speculative_step(self.model, self.cache, self.slots, self.drafters[arm.drafter], arm.k,
+                                  self.stats.spec, catch_up=arm.drafter not in self._synced,
+                                  time_drafter=self.controller.times_drafter)
+        self._synced = {arm.drafter}
+        emitted = int(self.slots.host_generated[:active].sum() - before.sum())
         self.stats.decode_steps += 1
-        self.stats.generated_tokens += int(self.slots.host_generated[: self.slots.active].sum() - before.sum())
+        self.stats.generated_tokens += emitted
         finished = list(result.finished)
-        finished += self._stop_string_hits(0, self.slots.active, finished, before)
-        self.stats.decode_s += time.perf_counter() - t0
+        finished += self._stop_string_hits(0, active, finished, before)
+        seconds = time.perf_counter() - t0
+        self.stats.decode_s += seconds
+        self.controller.record(arm, active, seconds, result.draft_seconds, result.num_accepted, emitted)
         return self._finish_rows(finished)
 
     def _sample_and_commit(self, logits: torch.Tensor, lo: int, hi: int) -> int:
@@ -320,8 +367,8 @@ class Engine:
 
     def _finish(self, slot: int) -> None:
         seq = self.slots.collect(slot)
-        if self.draft_tokens:
-            self.drafter.finish(seq)
+        for each in self.drafters.values():
+            each.finish(seq)
         if any(lp != lp for lp in seq.logprobs[-self.draft_tokens - 1:]):  # NaN
             raise ValueError(
                 f"logits: NaN or inf in the model's output for prompts[{seq.request_index}] "
@@ -330,3 +377,11 @@ class Engine:
             seq.finish_reason = "stop"
         else:
             seq.finish_reason = "length"
+
+
+def _named_drafters(drafter: Drafter | dict[str, Drafter] | None) -> dict[str, Drafter]:
+    if drafter is None:
+        return {}
+    if isinstance(drafter, dict):
+        return dict(drafter)
+    return {getattr(drafter, "name", "drafter"): drafter}

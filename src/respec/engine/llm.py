@@ -13,7 +13,8 @@ import torch
 from ..models.decoder import DecoderLM
 from ..models.loading import load_model
 from ..models.presets import DEFAULT_MODEL
-from .drafters import Drafter, make_drafter
+from .controller import ControllerConfig
+from .drafters import Drafter, make_drafters
 from .engine import DEFAULT_KV_CACHE_BYTES, Engine, GenerationStats, Request
 from .params import SamplingParams
 from .slots import Sequence
@@ -67,9 +68,12 @@ class LLM:
         max_num_seqs: int = 64,
         max_model_len: int | None = None,
         kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
-        drafter: Drafter | str | os.PathLike | None = None,
-        speculative: SpeculativeConfig | int | None = None,
+        drafter: Drafter | str | os.PathLike | list | None = None,
+        speculative: SpeculativeConfig | ControllerConfig | int | str | None = None,
     ) -> None:
+        """``drafter``: one drafter or a list ("ngram", "self:N", an EAGLE head directory, a draft
+        model, a Drafter). ``speculative``: k (int or SpeculativeConfig) for one drafter at a fixed k,
+        or "adaptive" / a ControllerConfig to let the controller pick off or (drafter, k) every step."""
         device = torch.device(device) if device is not None else default_device()
         dtype = _parse_dtype(dtype) if dtype is not None else default_dtype(device)
         if isinstance(model, DecoderLM):
@@ -80,18 +84,16 @@ class LLM:
             self.model, source = load_model(model, device=device, dtype=dtype)
         self.tokenizer = tokenizer if tokenizer is not None and not isinstance(tokenizer, (str, Path)) \
             else _load_tokenizer(tokenizer or source)
-        self.drafter = make_drafter(drafter, self.model, self.tokenizer) if drafter is not None else None
-        if isinstance(speculative, int) and not isinstance(speculative, bool):
-            speculative = SpeculativeConfig(num_draft_tokens=speculative)
-        elif speculative is not None and not isinstance(speculative, SpeculativeConfig):
-            raise ValueError(f"speculative: expected an int k or a SpeculativeConfig, got {speculative!r}")
-        if speculative is not None and self.drafter is None:
+        self.drafters = make_drafters(drafter, self.model, self.tokenizer)
+        self.drafter = next(iter(self.drafters.values())) if len(self.drafters) == 1 else None
+        speculative = _speculative_config(speculative)
+        if speculative is not None and not self.drafters:
             raise ValueError("speculative: needs a drafter (drafter='ngram', 'self:N', a model path or a Drafter)")
         self.engine = Engine(
             self.model, self._eos_ids(), max_num_seqs=max_num_seqs, max_model_len=max_model_len,
             kv_cache_bytes=kv_cache_bytes,
             decode_text=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
-            drafter=self.drafter, speculative=speculative,
+            drafter=self.drafters, speculative=speculative,
         )
 
     @property
@@ -157,6 +159,17 @@ class LLM:
             text = text[: text.find(seq.stop_text_hit)] if seq.stop_text_hit in text else text
         return Sample(token_ids=list(ids), text=text, logprobs=list(seq.logprobs),
                       finish_reason=seq.finish_reason or "length")
+
+
+def _speculative_config(speculative: Any) -> SpeculativeConfig | ControllerConfig | None:
+    if isinstance(speculative, int) and not isinstance(speculative, bool):
+        return SpeculativeConfig(num_draft_tokens=speculative)
+    if speculative == "adaptive":
+        return ControllerConfig()
+    if speculative is None or isinstance(speculative, (SpeculativeConfig, ControllerConfig)):
+        return speculative
+    raise ValueError(f"speculative: expected an int k, 'adaptive', a SpeculativeConfig or a ControllerConfig, "
+                     f"got {speculative!r}")
 
 
 def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:

@@ -9,6 +9,7 @@ is exact; stop tokens inside an accepted block end the row there.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -98,11 +99,15 @@ class StepResult:
     counts: torch.Tensor  # [B] tokens emitted per row (>= 1)
     ends: torch.Tensor  # [B] bool: a stop token was emitted, a logprob is NaN, or the budget is spent
     finished: list[int] = field(default_factory=list)  # the rows where ``ends`` holds (host)
+    num_accepted: np.ndarray | None = None  # [B] accepted drafts per row (host)
+    draft_seconds: float = 0.0  # the drafter's catch-up and proposal, when timed
 
 
 def speculative_step(model: DecoderLM, cache: KVCache, slots: SlotTable, drafter: Drafter, k: int,
-                     stats: SpecStats) -> StepResult:
-    """Draft and verify once for the active rows ``0..B-1``; the caller commits the result."""
+                     stats: SpecStats, *, catch_up: bool = False, time_drafter: bool = False) -> StepResult:
+    """Draft and verify once for the active rows ``0..B-1``; the caller commits the result.
+    ``catch_up``: the drafter sat out earlier steps and first brings its state up to date.
+    ``time_drafter``: measure the drafter's share of the step (one extra device sync on GPUs)."""
     batch = slots.active
     params = slots.row_params(0, batch)
     host_generated = slots.host_generated[:batch]
@@ -114,7 +119,13 @@ def speculative_step(model: DecoderLM, cache: KVCache, slots: SlotTable, drafter
                        sequences=slots.sequences[:batch], generated=host_generated,
                        out_tokens=slots.out_tokens[:batch])
     sampler = DraftSampler(params, slots.keys[:batch], host_generated, model.device)
+    started = time.perf_counter()
+    if catch_up:
+        drafter.catch_up(state, model, cache)
     proposal = drafter.propose(state, k, sampler)
+    if time_drafter and model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    draft_seconds = time.perf_counter() - started
     offered = torch.from_numpy(room).to(model.device)
     if proposal.lens is not None:
         offered = torch.minimum(offered, proposal.lens)
@@ -137,6 +148,7 @@ def speculative_step(model: DecoderLM, cache: KVCache, slots: SlotTable, drafter
     host = torch.stack((result.counts, verdict.num_accepted, offered, result.ends.long())).cpu().numpy()
     counts, host_accepted, host_offered = host[0].copy(), host[1], host[2]
     result.finished = np.flatnonzero(host[3]).tolist()
+    result.num_accepted, result.draft_seconds = host_accepted, draft_seconds
     stats.record(host_accepted, host_offered, counts, k)
     slots.spec_counts[:batch] += np.stack((np.ones_like(counts), host_offered, host_accepted), axis=1)
     if drafter.capture_layers:

@@ -106,8 +106,9 @@ def write_and_read_cache(key_cache: torch.Tensor, value_cache: torch.Tensor, k: 
     """Write new keys/values ``[B, kv_heads, T, head_dim]`` into one layer's cache at the context's
     rows and positions; return that layer's keys/values of the rows up to ``ctx.kv_len``."""
     head_dim = k.shape[-1]
-    key_cache.view(-1, head_dim).index_copy_(0, ctx.write_index, k.reshape(-1, head_dim))
-    value_cache.view(-1, head_dim).index_copy_(0, ctx.write_index, v.reshape(-1, head_dim))
+    if ctx.write_index is not None:  # None: a read-only pass over positions already in the cache
+        key_cache.view(-1, head_dim).index_copy_(0, ctx.write_index, k.reshape(-1, head_dim))
+        value_cache.view(-1, head_dim).index_copy_(0, ctx.write_index, v.reshape(-1, head_dim))
     return key_cache[ctx.rows, :, : ctx.kv_len], value_cache[ctx.rows, :, : ctx.kv_len]
 
 
@@ -188,6 +189,8 @@ class DecoderLM(nn.Module):
         rows: slice | None = None,
         kv_len: int | None = None,
         capture_layers: tuple[int, ...] = (),
+        read_only: bool = False,
+        num_layers: int | None = None,
     ) -> DecoderOutput:
         """Run the decoder.
 
@@ -196,6 +199,10 @@ class DecoderLM(nn.Module):
         With ``cache``: ``input_ids [B, T]`` are new tokens of cache rows ``rows`` at ``positions
         [B, T]``; their keys/values are written there and attention spans cache positions
         ``< kv_len`` up to each token's own position.
+        ``read_only``: the positions are already in the cache (a drafter catching up on tokens the
+        target decoded earlier wants their hidden states): attend to the cached keys, write nothing.
+        ``num_layers``: stop after that many layers (``hidden`` is then not final-normed: use
+        ``captured``).
         """
         batch, steps = input_ids.shape
         if positions is None:
@@ -204,13 +211,16 @@ class DecoderLM(nn.Module):
             ctx = self._training_context(positions, attention_mask)
         else:
             ctx = self._cache_context(positions, cache, rows or slice(0, batch), kv_len)
+            if read_only:
+                ctx.write_index = None
         x = self.embed(input_ids)
         captured: dict[int, torch.Tensor] = {}
-        for index, layer in enumerate(self.layers):
+        layers = self.layers if num_layers is None else self.layers[:num_layers]
+        for index, layer in enumerate(layers):
             x = layer(x, ctx)
             if index in capture_layers:
                 captured[index] = x
-        return DecoderOutput(hidden=self.norm(x), captured=captured)
+        return DecoderOutput(hidden=x if num_layers is not None else self.norm(x), captured=captured)
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Callers keep positions below max_position_embeddings (the engine checks prompt + budget).

@@ -24,6 +24,7 @@ __all__ = [
     "TargetTrace",
     "check_vocab",
     "make_drafter",
+    "make_drafters",
 ]
 
 
@@ -44,7 +45,9 @@ def make_drafter(spec: Drafter | str | os.PathLike, target: DecoderLM, tokenizer
         layers = text.removeprefix("self:")
         if not layers.isdigit():
             raise ValueError(f"drafter: 'self:N' needs a layer count N, got {text!r}")
-        return DraftModelDrafter.truncated(target, int(layers))
+        drafter = DraftModelDrafter.truncated(target, int(layers))
+        drafter.name = text
+        return drafter
     if is_eagle_dir(Path(text)):
         return EagleDrafter.from_pretrained(text, target)
     drafter_tokenizer = None
@@ -53,6 +56,25 @@ def make_drafter(spec: Drafter | str | os.PathLike, target: DecoderLM, tokenizer
 
         drafter_tokenizer = AutoTokenizer.from_pretrained(text)
     return DraftModelDrafter.from_pretrained(text, target, tokenizer, drafter_tokenizer)
+
+
+def make_drafters(specs: Any, target: DecoderLM, tokenizer: Any = None) -> dict[str, Drafter]:
+    """Named drafters from one description or a list of them (see ``make_drafter``); names are the
+    drafters' own ("eagle", "ngram", "self:8", "draft"), made unique with a suffix when repeated."""
+    if specs is None:
+        return {}
+    if isinstance(specs, (str, os.PathLike, Drafter)):
+        specs = [specs]
+    named: dict[str, Drafter] = {}
+    for spec in specs:
+        drafter = make_drafter(spec, target, tokenizer)
+        name, suffix = drafter.name, 2
+        while name in named:
+            name, suffix = f"{drafter.name}{suffix}", suffix + 1
+        named[name] = drafter
+    if not named:
+        raise ValueError("drafter: empty list; give at least one drafter or None")
+    return named
 
 
 def is_eagle_dir(path: Path) -> bool:

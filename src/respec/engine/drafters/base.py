@@ -22,6 +22,8 @@ from ..rng import uniforms
 from ..sampling import RowParams, processed_logprobs, sample_tokens
 
 if TYPE_CHECKING:
+    from ...models.decoder import DecoderLM
+    from ..cache import KVCache
     from ..slots import Sequence
 
 # Counter-based RNG streams (see rng.py): each decision of a speculative step has its own stream, so
@@ -64,6 +66,16 @@ class DraftState:
     generated: np.ndarray  # [B] tokens emitted so far per row (host)
     out_tokens: torch.Tensor  # [B, >= generated] emitted tokens per row
 
+    def tokens_at(self, first: torch.Tensor, width: int) -> torch.Tensor:
+        """``[B, width]`` tokens at positions ``first .. first + width - 1`` of each row, read from the
+        emitted tokens (so positions must lie past the prompt); clamped at the newest, ``last_token``."""
+        device = self.lengths.device
+        generated = torch.as_tensor(self.generated, device=device)
+        # Position ``lengths`` holds emitted token ``generated - 1``.
+        index = first[:, None] + torch.arange(width, device=device) - self.lengths[:, None] + generated[:, None] - 1
+        index = torch.minimum(index.clamp(min=0), (generated - 1)[:, None])
+        return self.out_tokens.gather(1, index)
+
 
 class DraftSampler:
     """Draws draft tokens exactly as the target side will judge them (same processing of logits)."""
@@ -85,6 +97,8 @@ class Drafter:
 
     vocab_size: int
     capture_layers: tuple[int, ...] = ()  # target layers whose outputs ``propose`` needs in the trace
+    name: str = "drafter"  # how arms and statistics call it
+    catch_up_kind: str = "none"  # what ``catch_up`` runs: "none", "target" (a read-only target pass), "self"
 
     def allocate(self, rows: int, max_len: int, block: int) -> None:
         """Prepare per-row state for up to ``rows`` rows of up to ``max_len`` positions; a verify
@@ -99,6 +113,10 @@ class Drafter:
 
     def copy_rows(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
         """The engine copied rows ``src`` into ``dst`` (first ``length`` positions matter)."""
+
+    def catch_up(self, state: DraftState, target: DecoderLM, cache: KVCache) -> None:
+        """The drafter sat out some steps (speculation off, or another drafter chosen): bring each
+        row's state up to ``state.lengths`` in one pass. Called before ``propose`` after such a gap."""
 
     def finish(self, sequence: Sequence) -> None:
         """A sequence finished (history-based drafters remember it)."""

@@ -13,6 +13,7 @@ import dataclasses
 import os
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -23,6 +24,9 @@ from .base import Drafter, DraftSampler, DraftState, Proposal, TargetTrace, chec
 
 
 class DraftModelDrafter(Drafter):
+    name = "draft"
+    catch_up_kind = "self"
+
     def __init__(self, model: DecoderLM) -> None:
         self.model = model
         self.vocab_size = model.config.vocab_size
@@ -57,15 +61,33 @@ class DraftModelDrafter(Drafter):
         if self.cache is None or not self.cache.fits(rows, max_len):
             self.cache = None
             self.cache = KVCache(self.model.config, rows, max_len, self.model.dtype, self.model.device)
+        self.valid = np.zeros(rows, dtype=np.int64)  # per row: cache positions known to hold its tokens
 
     def prefill(self, rows: slice, prompt_ids: torch.Tensor, prompt_lens: torch.Tensor,
                 trace: TargetTrace | None) -> None:
         width = prompt_ids.shape[1]
         positions = torch.arange(width, device=prompt_ids.device).expand_as(prompt_ids)
         self.model(prompt_ids, positions, cache=self.cache, rows=rows, kv_len=width)
+        self.valid[rows] = prompt_lens.cpu().numpy()
 
     def copy_rows(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
         self.cache.copy_rows(src, dst, length)
+        self.valid[dst.cpu().numpy()] = self.valid[src.cpu().numpy()]
+
+    def catch_up(self, state: DraftState, target: DecoderLM, cache: KVCache) -> None:
+        """Run the draft model over the positions decoded without it (``propose`` re-feeds the last two)."""
+        batch = state.last_token.shape[0]
+        gaps = state.host_lengths[:batch] - 1 - self.valid[:batch]
+        missed = int(gaps.max())
+        if missed <= 0:
+            return
+        device = state.lengths.device
+        first = torch.from_numpy(self.valid[:batch].copy()).to(device)
+        # Padding entries land on position lengths - 1, which ``propose`` rewrites before reading.
+        positions = torch.minimum(first[:, None] + torch.arange(missed, device=device), (state.lengths - 1)[:, None])
+        self.model(state.tokens_at(first, missed), positions, cache=self.cache, rows=slice(0, batch),
+                   kv_len=int(state.host_lengths.max()))
+        self.valid[:batch] = np.maximum(self.valid[:batch], state.host_lengths[:batch] - 1)
 
     def propose(self, state: DraftState, k: int, sampler: DraftSampler) -> Proposal:
         batch = state.last_token.shape[0]
@@ -80,6 +102,7 @@ class DraftModelDrafter(Drafter):
             tokens.append(token)
             logprobs.append(q)
             ids, positions = token[:, None], positions[:, -1:] + 1
+        self.valid[:batch] = state.host_lengths[:batch] + 1  # prev and last token now sit at L - 1 and L
         return Proposal(tokens=torch.stack(tokens, dim=1), logprobs=torch.stack(logprobs, dim=1))
 
 

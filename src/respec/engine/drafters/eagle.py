@@ -23,6 +23,9 @@ from .base import Drafter, DraftSampler, DraftState, Proposal, TargetTrace
 
 
 class EagleDrafter(Drafter):
+    name = "eagle"
+    catch_up_kind = "target"
+
     def __init__(self, head: EagleHead, target: DecoderLM) -> None:
         head.config.check_target(target.config)
         self.head, self.target = head, target
@@ -79,6 +82,46 @@ class EagleDrafter(Drafter):
         host_src, host_dst = src.cpu().numpy(), dst.cpu().numpy()
         for array in (self.host_start, self.host_count):
             array[host_dst] = array[host_src]
+
+    def catch_up(self, state: DraftState, target: DecoderLM, cache: KVCache) -> None:
+        """Rows decoded without the head since their pending block: re-read the target's features of
+        the missed positions (a read-only pass over the target's cache, stopping at the last fused
+        layer) and append them to the pending block; the next ``propose`` runs all of it through the
+        head in its usual single extend forward."""
+        batch = state.last_token.shape[0]
+        synced = self.host_start[:batch] + self.host_count[:batch]
+        gaps = state.host_lengths[:batch] - synced
+        missed = int(gaps.max())
+        if missed <= 0:
+            return
+        device = state.lengths.device
+        first = torch.from_numpy(synced).to(device)
+        last = state.lengths - 1
+        positions = torch.minimum(first[:, None] + torch.arange(missed, device=device), last[:, None])
+        out = target(state.tokens_at(first, missed), positions, cache=cache, rows=slice(0, batch),
+                     kv_len=int(state.host_lengths.max()), capture_layers=self.capture_layers, read_only=True,
+                     num_layers=max(self.capture_layers) + 1)
+        fresh = self._fused(out.captured)
+        count = self.count[:batch]
+        width = int((self.host_count[:batch] + gaps).max())
+        self._ensure_width(width)
+        offsets = torch.arange(missed, device=device)
+        take = offsets[None, :] < torch.from_numpy(gaps).to(device)[:, None]
+        row_index = torch.arange(batch, device=device)[:, None].expand(-1, missed)
+        self.features[row_index[take], (count[:, None] + offsets)[take]] = fresh[take]
+        # Entry j pairs position start + j with the token after it; the last one stays last_token's.
+        self.tokens[:batch, :width] = state.tokens_at(self.start[:batch] + 1, width)
+        self.count[:batch] = count + torch.from_numpy(gaps).to(device)
+        self.host_count[:batch] += gaps
+
+    def _ensure_width(self, width: int) -> None:
+        if width <= self.features.shape[1]:
+            return
+        features = self.features.new_zeros(self.features.shape[0], width, self.features.shape[2])
+        tokens = self.tokens.new_zeros(self.tokens.shape[0], width)
+        features[:, : self.features.shape[1]] = self.features
+        tokens[:, : self.tokens.shape[1]] = self.tokens
+        self.features, self.tokens = features, tokens
 
     # ------------------------------------------------------------------ drafting
     def _run(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, rows: slice,

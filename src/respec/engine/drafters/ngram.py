@@ -21,6 +21,8 @@ from .base import Drafter, DraftSampler, DraftState, Proposal
 
 
 class NgramDrafter(Drafter):
+    name = "ngram"
+
     def __init__(self, vocab_size: int, max_ngram: int = 4, min_ngram: int = 2, history_per_prompt: int = 16,
                  max_prompts: int = 4096) -> None:
         if not 1 <= min_ngram <= max_ngram:

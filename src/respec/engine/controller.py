@@ -1,0 +1,236 @@
+"""Choosing the speculative configuration of every decode step.
+
+An *arm* is either ``off`` (the plain autoregressive step) or a drafter with a draft length k. The
+adaptive controller predicts, for each arm and the current active batch, the step's time (cost_model.py)
+and the tokens it emits (per-position acceptance rates of each drafter, exponentially weighted so a
+stale drafter loses its place by itself), and takes the arm with the highest goodput: emitted tokens
+per second. Switching a drafter on after it sat out costs a catch-up pass, spread over
+``switch_horizon`` steps in the comparison. Optional exploration (epsilon-greedy or UCB) keeps the
+estimates of unused arms alive; its random draws come from a seeded generator, so the choices are a
+deterministic function of the seed and of the measurements.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .cost_model import CostModel
+from .speculative import MAX_DRAFT_TOKENS
+
+EXPLORATION = ("none", "epsilon", "ucb")
+
+
+@dataclass(frozen=True)
+class Arm:
+    drafter: str | None = None  # None: speculation off
+    k: int = 0
+
+    @property
+    def label(self) -> str:
+        return "off" if self.drafter is None else f"{self.drafter}:{self.k}"
+
+
+OFF = Arm()
+
+
+@dataclass
+class ControllerConfig:
+    max_draft_tokens: int = 8  # arms use k in 1..max_draft_tokens (or ``k_choices``)
+    k_choices: tuple[int, ...] | None = None
+    allow_off: bool = True
+    acceptance_decay: float = 0.95  # per step: weight of the past in the acceptance estimates
+    cost_decay: float = 0.8  # per measurement: weight of the past in the cost corrections
+    prior_acceptance: float = 0.6  # per-position acceptance assumed before a drafter is measured
+    explore: str = "epsilon"
+    epsilon: float = 0.02
+    ucb_scale: float = 0.1
+    switch_horizon: int = 16  # steps a drafter's catch-up cost is spread over
+    seed: int = 0
+    profile_cache: str | None = None  # directory for the start-up profile; "" = do not cache
+    record_trace: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_draft_tokens, int) or not 1 <= self.max_draft_tokens <= MAX_DRAFT_TOKENS:
+            raise ValueError(f"max_draft_tokens: must be an integer in [1, {MAX_DRAFT_TOKENS}], "
+                             f"got {self.max_draft_tokens!r}")
+        if self.k_choices is not None:
+            self.k_choices = tuple(self.k_choices)
+            if not self.k_choices:
+                raise ValueError("k_choices: empty; give at least one k or leave it unset")
+            bad = [k for k in self.k_choices if not isinstance(k, int) or not 1 <= k <= self.max_draft_tokens]
+            if bad:
+                raise ValueError(f"k_choices: {bad} outside [1, max_draft_tokens={self.max_draft_tokens}]")
+        for name in ("acceptance_decay", "cost_decay"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be in (0, 1), got {getattr(self, name)}")
+        if not 0 < self.prior_acceptance < 1:
+            raise ValueError(f"prior_acceptance: must be in (0, 1), got {self.prior_acceptance}")
+        if self.explore not in EXPLORATION:
+            raise ValueError(f"explore: must be one of {EXPLORATION}, got {self.explore!r}")
+        if not 0 <= self.epsilon <= 1:
+            raise ValueError(f"epsilon: must be in [0, 1], got {self.epsilon}")
+        if self.switch_horizon < 1:
+            raise ValueError(f"switch_horizon: must be >= 1, got {self.switch_horizon}")
+
+    @property
+    def ks(self) -> tuple[int, ...]:
+        return self.k_choices or tuple(range(1, self.max_draft_tokens + 1))
+
+
+@dataclass
+class StepRecord:
+    """One decode step as the controller saw it (the decision trace)."""
+
+    batch: int
+    arm: str
+    predicted_s: float
+    measured_s: float
+    emitted: int
+    accepted: int
+
+
+class AcceptanceEstimate:
+    """Exponentially weighted per-position conditional acceptance of one drafter.
+
+    Position i's rate is accepted-at-i / reached-i, where a row reaches i when it accepted all drafts
+    before i (a row offered fewer drafts counts as a rejection, so short n-gram matches are priced in).
+    """
+
+    def __init__(self, max_k: int, decay: float, prior: float) -> None:
+        self.decay, self.prior = decay, prior
+        self.accepted = np.zeros(max_k)
+        self.reached = np.zeros(max_k)
+
+    def rates(self) -> np.ndarray:
+        return (self.accepted + self.prior) / (self.reached + 1.0)  # one pseudo-observation of the prior
+
+    def expected_emitted(self, k: int) -> float:
+        """Tokens per row per step: 1 + sum over j <= k of P(the first j drafts are all accepted)."""
+        return 1.0 + float(np.cumprod(self.rates()[:k]).sum())
+
+    def record(self, num_accepted: np.ndarray, k: int) -> None:
+        positions = np.arange(k)
+        reached = (num_accepted[:, None] >= positions[None, :]).sum(0)
+        accepted = (num_accepted[:, None] > positions[None, :]).sum(0)
+        self.accepted *= self.decay
+        self.reached *= self.decay
+        self.accepted[:k] += accepted
+        self.reached[:k] += reached
+
+
+class StaticController:
+    """Always the same arm: what ``speculative=k`` with one drafter means."""
+
+    times_drafter = False  # it learns nothing from the drafter's share of a step
+
+    def __init__(self, arm: Arm) -> None:
+        self.arm = arm
+        self.max_k = arm.k
+        self.trace: list[StepRecord] = []
+
+    def choose(self, batch: int) -> Arm:
+        return self.arm
+
+    def record(self, arm: Arm, batch: int, seconds: float, draft_seconds: float,
+               num_accepted: np.ndarray | None, emitted: int) -> None:
+        pass
+
+
+@dataclass
+class _ArmStats:
+    uses: int = 0
+
+
+class AdaptiveController:
+    """Picks the arm of highest predicted goodput before each step; learns from each measured step."""
+
+    times_drafter = True
+
+    def __init__(self, config: ControllerConfig, drafters: dict[str, str], cost: CostModel) -> None:
+        """``drafters``: name -> catch-up kind ("none", "target" or "self", see ``Drafter.catch_up_kind``)."""
+        if not drafters and not config.allow_off:
+            raise ValueError("arms: no drafter and allow_off=False leaves nothing to choose")
+        if cost.max_tokens < max(config.ks) + 1:
+            raise ValueError(f"profile: covers {cost.max_tokens} tokens per row, k up to {max(config.ks)} "
+                             f"needs {max(config.ks) + 1}")
+        self.config, self.cost, self.catch_up_kind = config, cost, dict(drafters)
+        self.max_k = max(config.ks)
+        self.arms = ([OFF] if config.allow_off else []) + [Arm(d, k) for d in drafters for k in config.ks]
+        self.acceptance = {d: AcceptanceEstimate(max(config.ks), config.acceptance_decay, config.prior_acceptance)
+                           for d in drafters}
+        self.missed = dict.fromkeys(drafters, 0.0)  # tokens per row decoded since each drafter last ran
+        self.uses = {arm: _ArmStats() for arm in self.arms}
+        self.rng = np.random.default_rng(config.seed)
+        self.trace: list[StepRecord] = []
+        self._predicted = 0.0
+        self._steps = 0
+
+    # ---------------------------------------------------------------- decisions
+    def predicted_time(self, arm: Arm, batch: int) -> float:
+        if arm.drafter is None:
+            return self.cost.target_time(batch, 1)
+        return self.cost.target_time(batch, arm.k + 1) + self.cost.draft_time(arm.drafter, batch, arm.k)
+
+    def switch_time(self, arm: Arm, batch: int) -> float:
+        if arm.drafter is None:
+            return 0.0
+        return self.cost.catch_up_time(self.catch_up_kind[arm.drafter], arm.drafter, batch, self.missed[arm.drafter])
+
+    def expected_emitted(self, arm: Arm) -> float:
+        return 1.0 if arm.drafter is None else self.acceptance[arm.drafter].expected_emitted(arm.k)
+
+    def goodput(self, arm: Arm, batch: int) -> float:
+        seconds = self.predicted_time(arm, batch) + self.switch_time(arm, batch) / self.config.switch_horizon
+        return batch * self.expected_emitted(arm) / max(seconds, 1e-9)
+
+    def choose(self, batch: int) -> Arm:
+        scores = np.array([self.goodput(arm, batch) for arm in self.arms])
+        if self.config.explore == "ucb":
+            uses = np.array([self.uses[arm].uses for arm in self.arms], dtype=np.float64)
+            scores *= 1 + self.config.ucb_scale * np.sqrt(math.log(self._steps + 2) / (uses + 1))
+        arm = self.arms[int(scores.argmax())]
+        if self.config.explore == "epsilon" and self.rng.random() < self.config.epsilon:
+            arm = self.arms[int(self.rng.integers(len(self.arms)))]
+        self._predicted = self.predicted_time(arm, batch) + self.switch_time(arm, batch)
+        return arm
+
+    # ---------------------------------------------------------------- learning
+    def record(self, arm: Arm, batch: int, seconds: float, draft_seconds: float,
+               num_accepted: np.ndarray | None, emitted: int) -> None:
+        """After a step with ``arm``: its wall time, the drafter's share of it (proposal and catch-up)
+        and, when drafting, the accepted drafts per row."""
+        self._steps += 1
+        self.uses[arm].uses += 1
+        tokens = 1 if arm.drafter is None else arm.k + 1
+        self.cost.record_target(batch, tokens, seconds - draft_seconds)
+        per_row = emitted / max(batch, 1)
+        for name in self.missed:
+            self.missed[name] += per_row
+        if arm.drafter is not None:
+            caught_up = self.missed[arm.drafter] > per_row  # this step included a catch-up pass
+            if not caught_up:  # only clean steps teach the per-draft-step cost
+                self.cost.record_draft(arm.drafter, batch, arm.k, draft_seconds)
+            self.missed[arm.drafter] = 0.0
+            self.acceptance[arm.drafter].record(num_accepted, arm.k)
+        if self.config.record_trace:
+            accepted = int(num_accepted.sum()) if num_accepted is not None else 0
+            self.trace.append(StepRecord(batch, arm.label, self._predicted, seconds, emitted, accepted))
+
+
+@dataclass
+class TraceSummary:
+    steps: int = 0
+    arms: dict[str, int] = field(default_factory=dict)
+    median_relative_error: float = float("nan")  # |predicted - measured| / measured, after warm-up
+
+
+def summarize_trace(trace: list[StepRecord], warmup: int = 10) -> TraceSummary:
+    arms: dict[str, int] = {}
+    for record in trace:
+        arms[record.arm] = arms.get(record.arm, 0) + 1
+    later = trace[warmup:]
+    errors = [abs(r.predicted_s - r.measured_s) / r.measured_s for r in later if r.measured_s > 0]
+    return TraceSummary(len(trace), arms, float(np.median(errors)) if errors else float("nan"))

@@ -1,0 +1,151 @@
+"""What a decode step costs: a start-up profile of the target, refined online from measured steps.
+
+The target's time for a forward over ``tokens`` new positions in each of ``batch`` rows is profiled
+once on a grid (batch 1, 2, 4, ... x tokens 1 .. K+1) and cached on disk per model, device, dtype and
+thread count. Each step's measured time then corrects the grid entry it fell on (an exponentially
+weighted ratio measured / profiled), which also absorbs what the profile leaves out (sampling,
+verification, book-keeping). A drafter's time per draft step is learned online only, per batch bucket.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..models.decoder import DecoderLM
+from .cache import KVCache
+
+PROFILE_CONTEXT = 192  # cached positions each profiled row attends to: a typical mid-rollout length
+
+
+def batch_grid(max_batch: int) -> list[int]:
+    """1, 2, 4, ... up to and including ``max_batch``."""
+    grid = [1]
+    while grid[-1] * 2 < max_batch:
+        grid.append(grid[-1] * 2)
+    if grid[-1] != max_batch:
+        grid.append(max_batch)
+    return grid
+
+
+class CostModel:
+    """Predicted seconds of a target forward, a drafter's proposal and a drafter's catch-up."""
+
+    def __init__(self, batches: list[int], table: np.ndarray, decay: float = 0.8) -> None:
+        if table.shape[0] != len(batches) or table.ndim != 2:
+            raise ValueError(f"profile: table shape {table.shape} does not match {len(batches)} batch sizes")
+        self.batches = np.asarray(batches, dtype=np.float64)
+        self.table = np.asarray(table, dtype=np.float64)  # [batches, tokens 1..T]
+        self.correction = np.ones_like(self.table)
+        self.decay = decay
+        self.draft_step: dict[str, np.ndarray] = {}  # drafter -> seconds per draft step per bucket (nan = unknown)
+
+    @property
+    def max_tokens(self) -> int:
+        return self.table.shape[1]
+
+    def bucket(self, batch: int) -> int:
+        return int(np.abs(np.log2(self.batches) - np.log2(max(batch, 1))).argmin())
+
+    def _profiled(self, batch: int, tokens: int) -> float:
+        column = self.table[:, min(tokens, self.max_tokens) - 1]
+        value = float(np.interp(batch, self.batches, column))
+        if batch > self.batches[-1]:  # past the grid: linear in the batch
+            value *= batch / self.batches[-1]
+        if tokens > self.max_tokens:  # past the grid: linear in the tokens per row
+            row = self.table[self.bucket(batch)]
+            per_token = (row[-1] - row[0]) / max(self.max_tokens - 1, 1)
+            value += per_token * (tokens - self.max_tokens)
+        return value
+
+    def target_time(self, batch: int, tokens: int) -> float:
+        """A step of the target over ``tokens`` positions per row (AR: 1, verify: k + 1), all included."""
+        correction = self.correction[self.bucket(batch), min(tokens, self.max_tokens) - 1]
+        return self._profiled(batch, tokens) * correction
+
+    def draft_time(self, drafter: str, batch: int, k: int) -> float:
+        """``k`` draft steps; a drafter never measured at any batch size costs 0 (optimism: try it)."""
+        known = self.draft_step.get(drafter)
+        if known is None or np.all(np.isnan(known)):
+            return 0.0
+        bucket = self.bucket(batch)
+        if np.isnan(known[bucket]):  # the nearest measured bucket stands in
+            measured = np.flatnonzero(~np.isnan(known))
+            bucket = int(measured[np.abs(measured - bucket).argmin()])
+        return float(known[bucket]) * k
+
+    def catch_up_time(self, kind: str, drafter: str, batch: int, missed: float) -> float:
+        """Bringing a drafter up to date after ``missed`` tokens per row decoded without it."""
+        if missed <= 0 or kind == "none":
+            return 0.0
+        if kind == "target":  # a read-only target pass over the missed positions, then the head
+            return self._profiled(batch, max(1, round(missed))) + self.draft_time(drafter, batch, 1)
+        return self.draft_time(drafter, batch, 1) * max(1.0, missed / 4)  # one batched drafter pass
+
+    def record_target(self, batch: int, tokens: int, seconds: float) -> None:
+        profiled = self._profiled(batch, tokens)
+        if profiled <= 0 or seconds <= 0:
+            return
+        at = self.bucket(batch), min(tokens, self.max_tokens) - 1
+        self.correction[at] = self.decay * self.correction[at] + (1 - self.decay) * seconds / profiled
+
+    def record_draft(self, drafter: str, batch: int, k: int, seconds: float) -> None:
+        known = self.draft_step.setdefault(drafter, np.full(len(self.batches), np.nan))
+        bucket, per_step = self.bucket(batch), seconds / max(k, 1)
+        old = known[bucket]
+        known[bucket] = per_step if np.isnan(old) else self.decay * old + (1 - self.decay) * per_step
+
+    # ---------------------------------------------------------------- profile
+    @classmethod
+    def profile(cls, model: DecoderLM, max_batch: int, max_tokens: int, *, cache_dir: str | os.PathLike | None = None,
+                repeats: int = 2, decay: float = 0.8) -> CostModel:
+        """Time the target on the grid, or load the timings cached for this model, device and dtype."""
+        batches = batch_grid(max_batch)
+        path = _cache_path(model, batches, max_tokens, cache_dir)
+        if path is not None and path.is_file():
+            data = json.loads(path.read_text())
+            return cls(data["batches"], np.asarray(data["table"]), decay)
+        table = _time_grid(model, batches, max_tokens, repeats)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(".tmp")
+            partial.write_text(json.dumps({"batches": batches, "table": table.tolist()}))
+            partial.replace(path)
+        return cls(batches, table, decay)
+
+
+@torch.inference_mode()
+def _time_grid(model: DecoderLM, batches: list[int], max_tokens: int, repeats: int) -> np.ndarray:
+    context = min(PROFILE_CONTEXT, model.config.max_position_embeddings - max_tokens)
+    cache = KVCache(model.config, batches[-1], context + max_tokens, model.dtype, model.device)
+    table = np.zeros((len(batches), max_tokens))
+    for i, batch in enumerate(batches):
+        for tokens in range(1, max_tokens + 1):
+            ids = torch.randint(model.config.vocab_size, (batch, tokens), device=model.device)
+            positions = (context + torch.arange(tokens, device=model.device)).expand(batch, tokens)
+            best = float("inf")
+            for _ in range(repeats + 1):  # the first run warms up
+                start = time.perf_counter()
+                out = model(ids, positions, cache=cache, rows=slice(0, batch), kv_len=context + tokens)
+                model.logits(out.hidden).argmax(-1).cpu()
+                best = min(best, time.perf_counter() - start)
+            table[i, tokens - 1] = best
+    return table
+
+
+def _cache_path(model: DecoderLM, batches: list[int], max_tokens: int,
+                cache_dir: str | os.PathLike | None) -> Path | None:
+    if cache_dir is None:
+        cache_dir = os.environ.get("RESPEC_CACHE", Path.home() / ".cache" / "respec")
+    if str(cache_dir) == "":
+        return None
+    device = model.device
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu{torch.get_num_threads()}"
+    key = json.dumps([repr(model.config), str(model.dtype), device_name, batches, max_tokens, PROFILE_CONTEXT])
+    return Path(cache_dir) / "profiles" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"

@@ -1,0 +1,305 @@
+"""The adaptive SD controller: acceptance and cost estimates, decisions, switching, and that it changes
+only speed (greedy outputs with it equal greedy AR, whatever arm each step takes)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from respec import LLM, SamplingParams
+from respec.engine.controller import (
+    OFF,
+    AcceptanceEstimate,
+    AdaptiveController,
+    Arm,
+    ControllerConfig,
+    StepRecord,
+    summarize_trace,
+)
+from respec.engine.cost_model import CostModel, batch_grid
+from respec.engine.drafters import DraftModelDrafter, EagleDrafter
+from respec.models.eagle import EagleConfig, EagleHead
+from respec.models.loading import load_model
+
+MAX_K = 4
+
+
+def linear_cost(per_row: float = 1e-3, fixed: float = 10e-3, max_batch: int = 64, max_k: int = MAX_K) -> CostModel:
+    """A synthetic profile: a step costs ``fixed`` plus ``per_row`` per row-token (memory-bound at small
+    batch, compute-bound at large batch, as on real hardware)."""
+    batches = batch_grid(max_batch)
+    table = np.array([[fixed + per_row * b * t for t in range(1, max_k + 2)] for b in batches])
+    return CostModel(batches, table)
+
+
+def feed(controller: AdaptiveController, batch: int, steps: int, accepted: int,
+         draft_step_s: float = 1e-3) -> list[Arm]:
+    """Run the controller against the synthetic cost model's own times and a drafter that gets exactly
+    ``accepted`` drafts right per row per step."""
+    chosen = []
+    for _ in range(steps):
+        arm = controller.choose(batch)
+        chosen.append(arm)
+        draft = 0.0 if arm.drafter is None else draft_step_s * arm.k
+        seconds = controller.cost._profiled(batch, 1 if arm.drafter is None else arm.k + 1) + draft
+        hits = None if arm.drafter is None else np.full(batch, min(accepted, arm.k))
+        emitted = batch if hits is None else int((hits + 1).sum())
+        controller.record(arm, batch, seconds, draft, hits, emitted)
+    return chosen
+
+
+# ------------------------------------------------------------------------------------- pure estimates
+
+def test_expected_emitted_is_one_plus_sum_of_prefix_products():
+    estimate = AcceptanceEstimate(4, decay=0.5, prior=0.5)
+    estimate.accepted[:] = [8, 4, 2, 0]
+    estimate.reached[:] = [9, 9, 5, 3]  # with the prior pseudo-count: rates 0.85, 0.45, 0.4167, 0.125
+    rates = (np.array([8, 4, 2, 0]) + 0.5) / (np.array([9, 9, 5, 3]) + 1)
+    assert np.allclose(estimate.rates(), rates)
+    assert estimate.expected_emitted(2) == pytest.approx(1 + rates[0] + rates[0] * rates[1])
+    assert estimate.expected_emitted(4) == pytest.approx(1 + np.cumprod(rates).sum())
+
+
+def test_acceptance_counts_reached_and_accepted_per_position():
+    estimate = AcceptanceEstimate(4, decay=0.9, prior=0.5)
+    estimate.record(np.array([0, 2, 4, 1]), 4)
+    assert estimate.reached.tolist() == [4, 3, 2, 1] and estimate.accepted.tolist() == [3, 2, 1, 1]
+    estimate.record(np.array([0, 0, 0, 0]), 4)
+    assert np.allclose(estimate.reached, [0.9 * 4 + 4, 0.9 * 3, 0.9 * 2, 0.9])
+
+
+def test_cost_model_interpolates_and_learns_corrections():
+    cost = linear_cost()
+    assert cost.target_time(4, 1) == pytest.approx(0.014)
+    assert cost.target_time(3, 1) == pytest.approx(0.013)  # linear between grid points
+    assert cost.target_time(128, 1) == pytest.approx(0.074 * 2)  # linear past the grid
+    for _ in range(50):
+        cost.record_target(4, 1, 0.028)
+    assert cost.target_time(4, 1) == pytest.approx(0.028, rel=1e-3)
+    assert cost.target_time(4, 2) == pytest.approx(0.018)  # other entries keep their own correction
+    assert cost.draft_time("eagle", 4, 3) == 0.0  # never measured: optimistic
+    cost.record_draft("eagle", 4, 3, 0.006)
+    assert cost.draft_time("eagle", 4, 3) == pytest.approx(0.006)
+    assert cost.draft_time("eagle", 64, 1) == pytest.approx(0.002)  # nearest measured bucket
+
+
+def test_profile_is_cached_on_disk(tiny_llama, tmp_path):
+    model, _ = load_model(tiny_llama)
+    first = CostModel.profile(model, 4, 3, cache_dir=tmp_path, repeats=1)
+    assert first.table.shape == (3, 3) and (first.table > 0).all()
+    assert len(list((tmp_path / "profiles").glob("*.json"))) == 1
+    again = CostModel.profile(model, 4, 3, cache_dir=tmp_path)
+    assert np.array_equal(again.table, first.table)
+
+
+# ------------------------------------------------------------------------------------------ decisions
+
+def controller(explore: str = "none", seed: int = 0, drafters=None, **kwargs) -> AdaptiveController:
+    config = ControllerConfig(max_draft_tokens=MAX_K, explore=explore, seed=seed, **kwargs)
+    return AdaptiveController(config, drafters or {"eagle": "none"}, linear_cost())
+
+
+def test_speculates_at_small_batch_and_not_at_large_batch():
+    """Fixed 10 ms + 1 ms per row-token: at batch 1 verifying k + 1 tokens is nearly free, so a drafter
+    right 3 times in 4 pays; at batch 64 the step time grows with k + 1 and speculation does not."""
+    small = controller()
+    arms = feed(small, 1, 40, accepted=3)
+    assert all(arm.drafter == "eagle" for arm in arms[-10:]) and arms[-1].k >= 3
+    large = controller()
+    arms = feed(large, 64, 40, accepted=1)
+    assert arms[-10:] == [OFF] * 10
+
+
+def test_stale_drafter_is_switched_off_by_itself():
+    ctl = controller()
+    assert feed(ctl, 2, 30, accepted=4)[-1].drafter == "eagle"
+    arms = feed(ctl, 2, 60, accepted=0)  # the actor moved on: nothing is accepted any more
+    assert arms[-10:] == [OFF] * 10
+
+
+def test_prefers_the_drafter_that_is_accepted():
+    ctl = controller(drafters={"eagle": "none", "ngram": "none"})
+    chosen = []
+    for _ in range(60):
+        arm = ctl.choose(1)
+        chosen.append(arm)
+        hits = None if arm.drafter is None else np.array([min(arm.k, 3 if arm.drafter == "eagle" else 0)])
+        seconds = ctl.cost._profiled(1, arm.k + 1)
+        ctl.record(arm, 1, seconds, 0.0, hits, 1 if hits is None else int(hits.sum()) + 1)
+    assert all(arm.drafter == "eagle" for arm in chosen[-10:])
+
+
+@pytest.mark.parametrize("explore", ["epsilon", "ucb"])
+def test_decisions_are_deterministic_for_a_seed(explore):
+    runs = [feed(controller(explore, seed=7, epsilon=0.3), 8, 60, accepted=2) for _ in range(2)]
+    assert runs[0] == runs[1]
+    other = feed(controller(explore, seed=8, epsilon=0.3), 8, 60, accepted=2)
+    assert explore == "ucb" or other != runs[0]
+
+
+def test_switch_on_cost_is_charged_and_spread():
+    ctl = controller(drafters={"eagle": "target"}, switch_horizon=4)
+    ctl.missed["eagle"] = 20
+    arm = Arm("eagle", 2)
+    catch_up = ctl.cost.catch_up_time("target", "eagle", 8, 20)
+    assert catch_up == pytest.approx(ctl.cost._profiled(8, 20))
+    assert ctl.switch_time(arm, 8) == pytest.approx(catch_up)
+    seconds = ctl.predicted_time(arm, 8) + catch_up / 4
+    assert ctl.goodput(arm, 8) == pytest.approx(8 * ctl.expected_emitted(arm) / seconds)
+
+
+def test_prediction_error_is_small_after_warm_up():
+    ctl = controller()
+    feed(ctl, 4, 60, accepted=2)
+    assert summarize_trace(ctl.trace, warmup=10).median_relative_error < 0.05
+
+
+def test_trace_records_every_step():
+    ctl = controller()
+    feed(ctl, 4, 5, accepted=2)
+    assert len(ctl.trace) == 5 and all(isinstance(r, StepRecord) and r.batch == 4 for r in ctl.trace)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_draft_tokens": 0}, "max_draft_tokens"),
+    ({"max_draft_tokens": -2}, "max_draft_tokens"),
+    ({"k_choices": ()}, "k_choices"),
+    ({"k_choices": (0, 2)}, "k_choices"),
+    ({"explore": "greedy"}, "explore"),
+    ({"epsilon": 1.5}, "epsilon"),
+    ({"acceptance_decay": 1.0}, "acceptance_decay"),
+])
+def test_bad_settings_fail_at_once(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ControllerConfig(**kwargs)
+
+
+def test_empty_set_of_arms_fails():
+    with pytest.raises(ValueError, match="arms"):
+        AdaptiveController(ControllerConfig(allow_off=False), {}, linear_cost())
+
+
+# ------------------------------------------------------------------------------- in the engine (greedy)
+
+class CyclingController:
+    """Walks a fixed schedule of arms, so every switch (off -> on, drafter -> drafter) is exercised."""
+
+    times_drafter = False
+
+    def __init__(self, schedule: list[Arm]) -> None:
+        self.schedule, self.step, self.trace = schedule, 0, []
+        self.max_k = max(arm.k for arm in schedule)
+
+    def choose(self, batch: int) -> Arm:
+        self.step += 1
+        return self.schedule[(self.step - 1) % len(self.schedule)]
+
+    def record(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def target(tiny_llama):
+    model, _ = load_model(tiny_llama)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, AutoTokenizer.from_pretrained(tiny_llama)
+
+
+def random_head(model, seed: int = 0) -> EagleHead:
+    torch.manual_seed(seed)
+    head = EagleHead(EagleConfig.for_target(model.config))
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.2)
+    return head
+
+
+def prompts(count: int, vocab: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(count)
+    return [torch.randint(3, vocab, (int(torch.randint(2, 20, (1,), generator=gen)),), generator=gen).tolist()
+            for _ in range(count)]
+
+
+SCHEDULE = [OFF, OFF, Arm("eagle", 2), Arm("ngram", 3), OFF, Arm("self:1", 4), Arm("self:1", 1), Arm("eagle", 4),
+            Arm("eagle", 1), OFF, OFF, OFF, Arm("self:1", 2), Arm("ngram", 1)]
+
+
+@pytest.mark.parametrize("batch", [1, 5, 16])
+def test_switching_arms_every_step_keeps_greedy_output(target, batch):
+    model, tokenizer = target
+    ar = LLM(model, tokenizer=tokenizer)
+    llm = LLM(model, tokenizer=tokenizer, drafter=[EagleDrafter(random_head(model), model), "ngram", "self:1"],
+              speculative=ControllerConfig(max_draft_tokens=4, profile_cache=""), max_num_seqs=8)
+    llm.engine.controller = CyclingController(SCHEDULE)
+    batch_prompts = prompts(batch, model.config.vocab_size)
+    params = SamplingParams(temperature=0, max_new_tokens=24)
+    want = ar.generate(batch_prompts, params, progress=False)
+    got = llm.generate(batch_prompts, params, progress=False)
+    for a, b in zip(want, got):
+        assert b.samples[0].token_ids == a.samples[0].token_ids
+        assert np.allclose(b.samples[0].logprobs, a.samples[0].logprobs, atol=1e-4)
+    assert set(llm.stats.arm_steps) >= {"off", "eagle:2", "ngram:3", "self:1:4"}
+
+
+def test_catch_up_keeps_drafters_exact(target):
+    """The target as its own draft model accepts every draft, and keeps doing so after sitting out steps:
+    its catch-up pass restored its cache. The EAGLE head's drafts after a catch-up equal the drafts of
+    a head that never sat out (same proposals, hence same acceptance)."""
+    model, tokenizer = target
+    llm = LLM(model, tokenizer=tokenizer, drafter=DraftModelDrafter(model),
+              speculative=ControllerConfig(max_draft_tokens=3, profile_cache=""))
+    llm.engine.controller = CyclingController([OFF, Arm("draft", 3), OFF, OFF, Arm("draft", 2)])
+    llm.generate(prompts(6, model.config.vocab_size), SamplingParams(temperature=0, max_new_tokens=40,
+                                                                     ignore_eos=True), progress=False)
+    assert llm.stats.spec.accept_rate >= 0.99
+
+    head = random_head(model, seed=3)
+    counts = {}
+    for name, schedule in {"always": [Arm("eagle", 2)], "gaps": [OFF, Arm("eagle", 2), OFF, OFF]}.items():
+        llm = LLM(model, tokenizer=tokenizer, drafter=EagleDrafter(head, model),
+                  speculative=ControllerConfig(max_draft_tokens=2, profile_cache=""))
+        seen = []
+        original = llm.engine.drafters["eagle"].propose
+
+        def spy(state, k, sampler, original=original, seen=seen):
+            proposal = original(state, k, sampler)
+            seen.append({(tuple(state.sequences[r].prompt_ids), int(state.generated[r])): proposal.tokens[r].tolist()
+                         for r in range(state.last_token.shape[0])})
+            return proposal
+
+        llm.engine.drafters["eagle"].propose = spy
+        llm.engine.controller = CyclingController(schedule)
+        llm.generate(prompts(4, model.config.vocab_size), SamplingParams(temperature=0, max_new_tokens=30,
+                                                                         ignore_eos=True), progress=False)
+        counts[name] = {key: value for step in seen for key, value in step.items()}
+    shared = set(counts["always"]) & set(counts["gaps"])
+    assert len(shared) >= 8
+    for key in shared:
+        assert counts["gaps"][key] == counts["always"][key], key
+
+
+def test_adaptive_llm_runs_and_reports_a_trace(target, tmp_path):
+    model, tokenizer = target
+    llm = LLM(model, tokenizer=tokenizer, drafter=["ngram", "self:1"],
+              speculative=ControllerConfig(max_draft_tokens=3, profile_cache=str(tmp_path)))
+    ar = LLM(model, tokenizer=tokenizer)
+    batch_prompts = prompts(6, model.config.vocab_size)
+    params = SamplingParams(temperature=0, max_new_tokens=16)
+    got = llm.generate(batch_prompts, params, progress=False)
+    want = ar.generate(batch_prompts, params, progress=False)
+    assert [o.samples[0].token_ids for o in got] == [o.samples[0].token_ids for o in want]
+    assert len(llm.stats.trace) == llm.stats.decode_steps > 0
+    assert sum(llm.stats.arm_steps.values()) == llm.stats.decode_steps
+
+
+def test_unknown_drafter_and_bad_speculative_fail(target):
+    model, tokenizer = target
+    with pytest.raises(ValueError, match="drafter"):
+        LLM(model, tokenizer=tokenizer, drafter=["ngram", "no-such-drafter"], speculative="adaptive")
+    with pytest.raises(ValueError, match="speculative"):
+        LLM(model, tokenizer=tokenizer, drafter="ngram", speculative="fastest")
+    with pytest.raises(ValueError, match="several drafters"):
+        LLM(model, tokenizer=tokenizer, drafter=["ngram", "self:1"], speculative=3)
