@@ -46,6 +46,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.spec:
         return _spec_bench(args)
+    if args.adaptive:
+        return _adaptive_bench(args)
     result = run_bench(args.model, args.batch_sizes, args.new_tokens, args.repeats, args.device, args.dtype,
                        args.prompts, with_transformers=not args.no_transformers)
     print(format_table(result))
@@ -67,6 +69,24 @@ def _spec_bench(args: argparse.Namespace) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.out}")
+    return 0
+
+
+def _adaptive_bench(args: argparse.Namespace) -> int:
+    from .bench_adaptive import format_adaptive_table, run_adaptive_bench, write_json
+
+    if not args.drafters:
+        raise ValueError("drafters: --adaptive needs --drafters (e.g. drafters/smollm2-eagle,ngram)")
+    batch_sizes = args.batch_sizes if args.batch_sizes_given else (1, 2, 4, 8, 16, 32, 64)
+    temperature = args.temperatures[-1] if args.temperatures else 0.7
+    result = run_adaptive_bench(args.model, args.drafters.split(","), batch_sizes, args.ks, temperature,
+                                args.new_tokens, args.repeats, args.device, args.dtype, args.prompts,
+                                long_tail_rows=args.long_tail_rows, long_tail_max=args.long_tail_max,
+                                trace_dir=Path(args.out).parent if args.out else Path("."))
+    print(format_adaptive_table(result))
+    if args.out:
+        write_json(result, args.out)
+        print(f"wrote {args.out} and the decision-trace plot next to it")
     return 0
 
 
@@ -155,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--drafters", default="", help="comma-separated drafters for --spec")
     bench.add_argument("--k", type=int, default=4, help="draft tokens per step for --spec")
     bench.add_argument("--temperatures", type=_float_list, default=(0.0, 0.7))
+    bench.add_argument("--adaptive", action="store_true",
+                       help="adaptive controller vs AR and every static (drafter, k), fixed batches and a long tail")
+    bench.add_argument("--ks", type=_int_list, default=(1, 2, 3, 4), help="k values for --adaptive")
+    bench.add_argument("--long-tail-rows", type=int, default=64)
+    bench.add_argument("--long-tail-max", type=int, default=256, help="longest budget of the long-tail workload")
     bench.set_defaults(func=cmd_bench)
 
     drafter = sub.add_parser("drafter", help="drafter tools")

@@ -271,16 +271,16 @@ class Engine:
         active = slots.active
         if active == 0:
             return 0
-        arm = self.controller.choose(active) if self.controller is not None else OFF
-        label = arm.label
-        self.stats.arm_steps[label] = self.stats.arm_steps.get(label, 0) + 1
+        if self.controller is None:
+            return self._ar_step(active)
+        t0 = time.perf_counter()  # the decision is part of the step's cost
+        arm = self.controller.choose(active)
+        self.stats.arm_steps[arm.label] = self.stats.arm_steps.get(arm.label, 0) + 1
         if arm.drafter is not None:
-            return self._speculative_step(arm)
-        t0 = time.perf_counter()
+            return self._speculative_step(arm, t0)
         finished = self._ar_step(active)
-        if self.controller is not None:
-            self._synced.clear()
-            self.controller.record(OFF, active, time.perf_counter() - t0, 0.0, None, active)
+        self._synced.clear()
+        self.controller.record(OFF, active, time.perf_counter() - t0, 0.0, None, active)
         return finished
 
     def _ar_step(self, active: int) -> int:
@@ -296,8 +296,7 @@ class Engine:
         self.stats.decode_s += time.perf_counter() - t0
         return finished
 
-    def _speculative_step(self, arm: Arm) -> int:
-        t0 = time.perf_counter()
+    def _speculative_step(self, arm: Arm, t0: float) -> int:
         active = self.slots.active
         before = self.slots.host_generated[:active].copy()
         result = speculative_step(self.model, self.cache, self.slots, self.drafters[arm.drafter], arm.k,

@@ -1,0 +1,197 @@
+"""``respec bench --adaptive``: the adaptive controller against AR and every static configuration.
+
+Two workloads, every system on the same prompts and seeds in one run:
+
+* fixed batch: ``batch`` rows that all decode exactly ``new_tokens`` tokens (EOS ignored), so the active
+  batch stays put; systems alternate within each repeat and medians are reported;
+* long tail: 64 rows whose budgets follow a Pareto distribution (most rollouts are short, a few are
+  very long), so the active batch decays as in an RL rollout; total time per system.
+
+The adaptive controller is one object for the whole run (as in a long-lived server): it learns costs and
+acceptance across workloads. Its decision trace on the long-tail run is written out and plotted.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .bench import load_questions
+from .engine.controller import ControllerConfig, summarize_trace
+from .engine.drafters import make_drafters
+from .engine.llm import LLM
+from .engine.params import SamplingParams
+
+
+@dataclass
+class AdaptiveRow:
+    workload: str  # "fixed" or "long-tail"
+    batch_size: int
+    system: str  # "ar", "static" or "adaptive"
+    config: str  # "off", "eagle:4", ... ("adaptive" for the controller)
+    seconds: float
+    generated_tokens: int
+    tokens_per_s: float
+    accept_len: float | None = None
+    vs_best_other: float | None = None  # adaptive: tokens/s over the best of AR and every static config
+    arms: dict[str, int] = field(default_factory=dict)  # adaptive: decode steps per arm
+
+
+def long_tail_budgets(rows: int, shortest: int, longest: int, alpha: float, seed: int) -> list[int]:
+    """Pareto(alpha) lengths from ``shortest``, capped at ``longest``: a heavy tail as in RL rollouts."""
+    u = np.random.default_rng(seed).random(rows)
+    return np.minimum(longest, np.floor(shortest * (1 - u) ** (-1 / alpha))).astype(int).tolist()
+
+
+def _measure(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> dict:
+    stats = llm.stats
+    before = (stats.spec.verify_steps, stats.spec.emitted, stats.decode_steps, stats.decode_s, len(stats.trace),
+              dict(stats.arm_steps))
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, progress=False)
+    if llm.model.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    steps = stats.spec.verify_steps - before[0]
+    trace = stats.trace[before[4]:]
+    off_steps = [r.measured_s for r in trace if r.arm == "off"]
+    return {"seconds": seconds, "tokens": sum(len(s.token_ids) for o in outputs for s in o.samples),
+            "accept_len": (stats.spec.emitted - before[1]) / steps if steps else None,
+            "step_s": (stats.decode_s - before[3]) / max(stats.decode_steps - before[2], 1),
+            "off_step_s": statistics.mean(off_steps) if off_steps else None, "trace": trace,
+            "arms": {a: n - before[5].get(a, 0) for a, n in stats.arm_steps.items() if n - before[5].get(a, 0)}}
+
+
+def _systems(base: LLM, drafter_specs: list[str], ks: tuple[int, ...], max_rows: int, seed: int) -> dict[str, LLM]:
+    drafters = make_drafters(drafter_specs, base.model, base.tokenizer)
+    systems = {"off": base}
+    for name, drafter in drafters.items():
+        for k in ks:
+            systems[f"{name}:{k}"] = LLM(base.model, tokenizer=base.tokenizer, drafter=drafter, speculative=k,
+                                         max_num_seqs=max_rows)
+    config = ControllerConfig(max_draft_tokens=max(ks), k_choices=tuple(ks), seed=seed)
+    systems["adaptive"] = LLM(base.model, tokenizer=base.tokenizer, drafter=list(drafters.values()),
+                              speculative=config, max_num_seqs=max_rows)
+    return systems
+
+
+def _rows(workload: str, batch: int, results: dict[str, list[dict]]) -> list[AdaptiveRow]:
+    rows = []
+    for name, runs in results.items():
+        seconds = statistics.median(r["seconds"] for r in runs)
+        tokens = int(statistics.median(r["tokens"] for r in runs))
+        taus = [r["accept_len"] for r in runs if r["accept_len"] is not None]
+        system = "ar" if name == "off" else "adaptive" if name == "adaptive" else "static"
+        rows.append(AdaptiveRow(workload, batch, system, name, seconds, tokens,
+                                statistics.median(r["tokens"] / r["seconds"] for r in runs),
+                                statistics.median(taus) if taus else None, arms=runs[-1]["arms"]))
+    best_other = max(r.tokens_per_s for r in rows if r.system != "adaptive")
+    for row in rows:
+        if row.system == "adaptive":
+            row.vs_best_other = row.tokens_per_s / best_other
+        else:
+            row.arms = {}
+    return rows
+
+
+def run_adaptive_bench(model: str, drafters: list[str], batch_sizes: tuple[int, ...], ks: tuple[int, ...],
+                       temperature: float, new_tokens: int, repeats: int, device: str | None = None,
+                       dtype: str | None = None, prompts_file: Path | None = None, seed: int = 0,
+                       long_tail_rows: int = 64, long_tail_max: int = 256, trace_dir: Path | None = None) -> dict:
+    rows_needed = max(*batch_sizes, long_tail_rows)
+    base = LLM(model, device=device, dtype=dtype, max_num_seqs=rows_needed)
+    systems = _systems(base, drafters, ks, rows_needed, seed)
+    prompts = [base.encode(q, chat=True) for q in load_questions(rows_needed, prompts_file)]
+    rows: list[AdaptiveRow] = []
+    paired = []
+    print(HEADER, flush=True)
+    for batch in batch_sizes:
+        params = [SamplingParams(temperature=temperature, max_new_tokens=new_tokens, ignore_eos=True, seed=seed + i)
+                  for i in range(batch)]
+        for llm in systems.values():
+            _measure(llm, prompts[:batch], params)  # warm-up (and the controller's first look at this batch)
+        results: dict[str, list[dict]] = {name: [] for name in systems}
+        for _ in range(repeats):
+            for name, llm in systems.items():
+                results[name].append(_measure(llm, prompts[:batch], params))
+        off = [r["off_step_s"] for r in results["adaptive"] if r["off_step_s"] is not None]
+        if off:
+            paired.append({"batch_size": batch, "ar_step_ms": 1e3 * statistics.median(r["step_s"] for r in results["off"]),
+                           "adaptive_off_step_ms": 1e3 * statistics.median(off)})
+        for row in _rows("fixed", batch, results):
+            rows.append(row)
+            print(format_row(asdict(row)), flush=True)
+    budgets = long_tail_budgets(long_tail_rows, 16, long_tail_max, 1.2, seed)
+    params = [SamplingParams(temperature=temperature, max_new_tokens=b, ignore_eos=True, seed=seed + i)
+              for i, b in enumerate(budgets)]
+    tail = {name: [_measure(llm, prompts[:long_tail_rows], params)] for name, llm in systems.items()}
+    for row in _rows("long-tail", long_tail_rows, tail):
+        rows.append(row)
+        print(format_row(asdict(row)), flush=True)
+    trace = tail["adaptive"][0]["trace"]
+    summary = summarize_trace(trace, warmup=10)
+    result = {"model": model, "device": str(base.model.device), "dtype": str(base.model.dtype),
+              "threads": torch.get_num_threads(), "temperature": temperature, "ks": list(ks),
+              "drafters": drafters, "new_tokens": new_tokens, "long_tail_budgets": budgets,
+              "prediction_median_relative_error": summary.median_relative_error,
+              "off_vs_ar_step": paired, "rows": [asdict(r) for r in rows],
+              "long_tail_trace": [asdict(r) for r in trace]}
+    if trace_dir is not None:
+        plot_trace(result["long_tail_trace"], Path(trace_dir) / "adaptive_trace.png")
+    return result
+
+
+def plot_trace(trace: list[dict], path: Path) -> Path:
+    """Chosen k (0 = off) and active batch over the steps of a rollout."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = np.arange(len(trace))
+    ks = [0 if r["arm"] == "off" else int(r["arm"].rsplit(":", 1)[1]) for r in trace]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
+    top.plot(steps, [r["batch"] for r in trace], color="tab:blue")
+    top.set_ylabel("active batch")
+    bottom.step(steps, ks, where="post", color="tab:orange")
+    bottom.set_ylabel("chosen k (0 = off)")
+    bottom.set_xlabel("decode step")
+    fig.suptitle("adaptive controller over a long-tail rollout")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+HEADER = f"{'workload':<10}{'batch':>6}  {'system':<9}{'config':<22}{'tokens':>8}{'seconds':>9}{'tok/s':>9}" \
+         f"{'tau':>6}{'vs best':>9}"
+
+
+def format_row(r: dict) -> str:
+    tau = f"{r['accept_len']:.2f}" if r["accept_len"] is not None else "-"
+    best = f"{r['vs_best_other']:.2f}x" if r["vs_best_other"] is not None else ""
+    return (f"{r['workload']:<10}{r['batch_size']:>6}  {r['system']:<9}{r['config'][-21:]:<22}"
+            f"{r['generated_tokens']:>8}{r['seconds']:>9.2f}{r['tokens_per_s']:>9.1f}{tau:>6}{best:>9}")
+
+
+def format_adaptive_table(result: dict) -> str:
+    lines = [f"model={result['model']} device={result['device']} dtype={result['dtype']} "
+             f"threads={result['threads']} T={result['temperature']} k in {result['ks']}", HEADER]
+    lines += [format_row(r) for r in result["rows"]]
+    lines.append(f"controller: median |predicted - measured| / measured after warm-up = "
+                 f"{result['prediction_median_relative_error']:.1%}")
+    for pair in result["off_vs_ar_step"]:
+        lines.append(f"batch {pair['batch_size']}: AR step {pair['ar_step_ms']:.2f} ms, "
+                     f"adaptive step with SD off {pair['adaptive_off_step_ms']:.2f} ms")
+    return "\n".join(lines)
+
+
+def write_json(result: dict, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(result, indent=2))

@@ -1,0 +1,31 @@
+"""``respec bench --adaptive`` end to end on the tiny model: the table, the JSON and the trace plot."""
+
+from __future__ import annotations
+
+import json
+
+from respec.bench_adaptive import format_adaptive_table, long_tail_budgets, run_adaptive_bench, write_json
+
+
+def test_long_tail_budgets_are_heavy_tailed_and_capped():
+    budgets = long_tail_budgets(1000, 16, 256, 1.2, seed=0)
+    assert min(budgets) >= 16 and max(budgets) == 256
+    assert sorted(budgets)[500] < 40 < sum(budgets) / len(budgets)  # median well below the mean
+
+
+def test_adaptive_bench_on_a_tiny_model(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("RESPEC_CACHE", str(tmp_path / "cache"))
+    questions = tmp_path / "questions.jsonl"  # short: the tiny tokenizer spends a token per byte
+    questions.write_text("".join(json.dumps({"question": f"{i} + {i}?"}) + "\n" for i in range(8)))
+    result = run_adaptive_bench(str(tiny_llama), ["ngram", "self:1"], (1, 3), (1, 2), temperature=0.7,
+                                new_tokens=8, repeats=1, device="cpu", prompts_file=questions, long_tail_rows=6, long_tail_max=20,
+                                trace_dir=tmp_path)
+    write_json(result, tmp_path / "adaptive.json")
+    rows = json.loads((tmp_path / "adaptive.json").read_text())["rows"]
+    configs = {r["config"] for r in rows}
+    assert configs == {"off", "ngram:1", "ngram:2", "self:1:1", "self:1:2", "adaptive"}
+    assert {(r["workload"], r["batch_size"]) for r in rows} == {("fixed", 1), ("fixed", 3), ("long-tail", 6)}
+    adaptive = [r for r in rows if r["system"] == "adaptive"]
+    assert all(r["vs_best_other"] > 0 and sum(r["arms"].values()) > 0 for r in adaptive)
+    assert result["long_tail_trace"] and (tmp_path / "adaptive_trace.png").stat().st_size > 0
+    assert "controller: median" in format_adaptive_table(result)
