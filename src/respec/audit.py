@@ -22,7 +22,7 @@ import torch
 from .engine import speculative as speculative_module
 from .engine.llm import LLM
 from .engine.params import SamplingParams
-from .engine.sampling import RowParams, processed_logprobs
+from .engine.sampling import RowParams, processed_logprobs, uniform_row_params
 
 P_VALUE_THRESHOLD = 1e-3
 
@@ -58,9 +58,7 @@ def p_value(chi2: float, dof: int) -> float:
 
 
 def _row_params(params: SamplingParams, rows: int) -> RowParams:
-    return RowParams(temperature=torch.full((rows,), params.temperature), top_k=torch.full((rows,), params.top_k),
-                     top_p=torch.full((rows,), params.top_p), any_filter=params.top_k > 0 or params.top_p < 1,
-                     any_greedy=params.greedy, any_random=not params.greedy)
+    return uniform_row_params(rows, params.temperature, params.top_k, params.top_p)
 
 
 @torch.no_grad()

@@ -112,6 +112,28 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0 if all(c.passed for c in checks) else 1
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .rl.trainer import Trainer
+
+    config = load_config(args.config, args.overrides)
+    trainer = Trainer(config, resume=args.resume)
+    summary = trainer.train()
+    for name, value in summary.items():
+        print(f"{name}: {value:.3f}")
+    print(f"run directory: {config.out_dir} (plots: respec report {config.out_dir})")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import make_report
+
+    out = make_report(args.run_dir)
+    print((out / "summary.md").read_text())
+    print(f"plots in {out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Until the RL trainer lands: generate with the default model and print a small table."""
     from .bench import load_questions
@@ -214,6 +236,16 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--negative-control", action="store_true",
                        help="also run with an always-accept verifier, which must fail")
     audit.set_defaults(func=cmd_audit)
+
+    train = sub.add_parser("train", help="GRPO training with speculative rollouts")
+    train.add_argument("--config", default=None, help="YAML config (see configs/)")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.temperature=0.6 steps=40")
+    train.add_argument("--resume", action="store_true", help="continue from the run's newest complete checkpoint")
+    train.set_defaults(func=cmd_train)
+
+    report = sub.add_parser("report", help="plots and a summary of a training run")
+    report.add_argument("run_dir")
+    report.set_defaults(func=cmd_report)
 
     demo = sub.add_parser("demo", help="the `make demo` job")
     _add_model_args(demo)

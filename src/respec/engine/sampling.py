@@ -28,6 +28,15 @@ class RowParams:
     any_random: bool
 
 
+def uniform_row_params(rows: int, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                       device: torch.device | str = "cpu") -> RowParams:
+    """The same settings for ``rows`` rows (the trainer's and the audit's recomputes)."""
+    return RowParams(temperature=torch.full((rows,), float(temperature), device=device),
+                     top_k=torch.full((rows,), int(top_k), device=device),
+                     top_p=torch.full((rows,), float(top_p), device=device),
+                     any_filter=top_k > 0 or top_p < 1, any_greedy=temperature == 0, any_random=temperature > 0)
+
+
 def processed_logprobs(logits: torch.Tensor, params: RowParams) -> torch.Tensor:
     """Log-probabilities of the sampling distribution per row, ``-inf`` outside its support."""
     temperature = torch.where(params.temperature > 0, params.temperature, torch.ones_like(params.temperature))

@@ -57,6 +57,14 @@ def load_model(model: str | os.PathLike, device: str | torch.device = "cpu",
     return decoder.eval(), source
 
 
+@torch.no_grad()
+def load_weights(model: DecoderLM, path: str | os.PathLike) -> None:
+    """Overwrite ``model``'s weights in place (same tensors, so an engine sharing them sees the change)
+    with those of a saved HF directory of the same architecture."""
+    path = Path(path)
+    load_into(model, hf_to_respec(model.config, _read_hf_state(path), str(path)), str(path))
+
+
 def _read_hf_state(path: Path) -> dict[str, torch.Tensor]:
     single, index, legacy = path / "model.safetensors", path / SAFETENSORS_INDEX, path / "pytorch_model.bin"
     if single.is_file():

@@ -121,6 +121,13 @@ class Drafter:
     def finish(self, sequence: Sequence) -> None:
         """A sequence finished (history-based drafters remember it)."""
 
+    def get_state(self) -> dict | None:
+        """Host-side state that shapes future drafts (a trainer checkpoints it for an exact resume)."""
+        return None
+
+    def set_state(self, state: dict | None) -> None:
+        """Restore what ``get_state`` returned."""
+
     def propose(self, state: DraftState, k: int, sampler: DraftSampler) -> Proposal:
         """Up to ``k`` draft tokens per active row."""
         raise NotImplementedError

@@ -41,6 +41,13 @@ class NgramDrafter(Drafter):
         while len(self.history) > self.max_prompts:
             self.history.popitem(last=False)
 
+    def get_state(self) -> dict:
+        return {"history": OrderedDict((key, deque(list(v), maxlen=v.maxlen)) for key, v in self.history.items())}
+
+    def set_state(self, state: dict | None) -> None:
+        if state is not None:
+            self.history = OrderedDict((key, deque(list(v), maxlen=v.maxlen)) for key, v in state["history"].items())
+
     def propose(self, state: DraftState, k: int, sampler: DraftSampler | None = None) -> Proposal:
         batch = len(state.sequences)
         generated = state.out_tokens[:batch].cpu().numpy()

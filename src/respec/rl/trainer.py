@@ -1,0 +1,272 @@
+"""The GRPO training loop: rollout -> rewards -> advantages -> update -> drafter hook -> eval -> checkpoint.
+
+The actor is ``self.llm.model``: the engine generates with the very modules the optimizer updates, so
+the step after an update already samples from the new policy (no weight copy, no sync). Rollouts are
+speculative (adaptive controller or one static drafter) or plain AR; their logprobs are the old
+policy's logprobs of the clipped ratio.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..config import TrainConfig, save_config
+from ..engine.controller import ControllerConfig
+from ..engine.llm import LLM
+from ..engine.params import SamplingParams
+from ..metrics import MetricsWriter
+from ..models.loading import load_weights
+from .checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from .grpo import group_advantages
+from .rewards import RewardFn, combine, correctness_reward
+from .tasks import Problem, chat_prompt, load_task
+from .update import UpdateBatch, grpo_update
+
+DrafterHook = Callable[["Trainer", "Rollout"], dict[str, float]]
+
+
+@dataclass
+class Rollout:
+    problems: list[Problem]
+    prompt_ids: list[list[int]]  # one per sample (group members repeat their prompt)
+    token_ids: list[list[int]]
+    logprobs: list[list[float]]
+    texts: list[str]
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    seconds: float
+    stats: dict[str, float]
+
+
+def make_llm(config: TrainConfig) -> LLM:
+    r = config.rollout
+    kwargs = {"device": config.device, "dtype": config.dtype, "max_num_seqs": r.max_num_seqs}
+    if r.speculative == "off":
+        return LLM(config.model, **kwargs)
+    if r.speculative == "static":
+        return LLM(config.model, drafter=r.drafters[0], speculative=r.k, **kwargs)
+    return LLM(config.model, drafter=list(r.drafters), speculative=ControllerConfig(max_draft_tokens=r.k,
+                                                                                     seed=config.seed), **kwargs)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, *, resume: bool = False, llm: LLM | None = None,
+                 drafter_hook: DrafterHook | None = None, reward_fn: RewardFn | None = None) -> None:
+        """``reward_fn`` replaces the configured rewards (custom tasks, tests)."""
+        self.config = config.validate()
+        torch.manual_seed(config.seed)
+        self.run_dir = Path(config.out_dir)
+        self.llm = llm or make_llm(config)
+        self.actor = self.llm.model
+        self.actor.requires_grad_(True)
+        self.train_set, self.eval_set = load_task(config.task.name, config.task.num_train, config.task.num_eval,
+                                                  config.seed, config.task.path, tuple(config.task.levels))
+        self.reward_fn = reward_fn or combine(config.reward.weights)
+        o = config.optim
+        self.optimizer = torch.optim.AdamW(self.actor.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
+                                           weight_decay=o.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / (o.warmup_steps + 1)))
+        self.reference = None
+        if o.kl_coef > 0:  # a frozen copy of the initial policy
+            self.reference = copy.deepcopy(self.actor).requires_grad_(False)
+        self.drafter_hook = drafter_hook
+        self.step = 0
+        self.epoch, self.position = 0, 0
+        self.order = self._order(0)
+        self._encoded: dict[str, list[int]] = {}
+        self.ar_llm: LLM | None = None  # for paired AR timings (compare_ar)
+        if resume:
+            self._resume()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, self.run_dir / "config.yaml")
+        self.metrics = MetricsWriter(self.run_dir, config.tensorboard, resume_after=self.step if resume else 0)
+
+    # ------------------------------------------------------------------ data
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.RandomState(self.config.seed + epoch).permutation(len(self.train_set))
+
+    def next_problems(self) -> list[Problem]:
+        chosen = []
+        for _ in range(self.config.rollout.prompts_per_step):
+            if self.position == len(self.order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self.order = self._order(self.epoch)
+            chosen.append(self.train_set[int(self.order[self.position])])
+            self.position += 1
+        return chosen
+
+    def encode(self, problem: Problem) -> list[int]:
+        if problem.question not in self._encoded:
+            self._encoded[problem.question] = self.llm.encode(chat_prompt(problem), chat=True)
+        return self._encoded[problem.question]
+
+    # ------------------------------------------------------------------ phases
+    def sampling_params(self, index: int) -> SamplingParams:
+        r = self.config.rollout
+        seed = zlib.crc32(f"{self.config.seed}/{self.step}/{index}".encode())
+        return SamplingParams(n=r.group_size, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                              max_new_tokens=r.max_new_tokens, seed=seed)
+
+    def rollout(self, problems: list[Problem], llm: LLM | None = None) -> tuple[list, float, dict[str, float]]:
+        llm = llm or self.llm
+        prompts = [self.encode(p) for p in problems]
+        params = [self.sampling_params(i) for i in range(len(problems))]
+        before = _spec_snapshot(llm)
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params, progress=False)
+        seconds = time.perf_counter() - start
+        return outputs, seconds, _spec_delta(llm, before, seconds, len(problems) * self.config.rollout.group_size)
+
+    def train_step(self) -> dict[str, float]:
+        step_start = time.perf_counter()
+        problems = self.next_problems()
+        outputs, rollout_s, rollout_stats = self.rollout(problems)
+        t0 = time.perf_counter()
+        group = self.config.rollout.group_size
+        samples = [s for o in outputs for s in o.samples]
+        texts = [s.text for s in samples]
+        gold = [p.answer for p in problems for _ in range(group)]
+        rewards = torch.tensor(self.reward_fn(texts, gold), dtype=torch.float32)
+        advantages = group_advantages(rewards, group, self.config.optim.advantage_scale)
+        reward_s = time.perf_counter() - t0
+        rollout = Rollout(problems, [o.prompt_token_ids for o in outputs for _ in o.samples],
+                          [s.token_ids for s in samples], [s.logprobs for s in samples], texts, rewards,
+                          advantages, rollout_s, rollout_stats)
+        t0 = time.perf_counter()
+        update = grpo_update(self.actor, self.optimizer, self.scheduler, self.config, _update_batch(rollout),
+                             self.reference)
+        update_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        drafter = self.drafter_hook(self, rollout) if self.drafter_hook else {}
+        drafter_s = time.perf_counter() - t0
+        self.step += 1
+        grouped = rewards.view(-1, group)
+        metrics = {
+            "train/reward": float(rewards.mean()), "train/reward_std": float(rewards.std()),
+            "train/frac_reward_zero_std": float((grouped.std(dim=1) == 0).float().mean()),
+            "train/accuracy": float(np.mean(correctness_reward(texts, gold))),
+            "train/response_length": float(np.mean([len(t) for t in rollout.token_ids])),
+            **update, **rollout_stats, **drafter,
+            "timing_s/rollout": rollout_s, "timing_s/reward": reward_s, "timing_s/update": update_s,
+            "timing_s/drafter": drafter_s,
+        }
+        metrics.update(self._compare_ar(problems, rollout_s))
+        metrics["timing_s/step"] = time.perf_counter() - step_start
+        return metrics
+
+    def _compare_ar(self, problems: list[Problem], rollout_s: float) -> dict[str, float]:
+        """The same prompts and seeds through plain AR decoding, timed (not trained on)."""
+        every = self.config.rollout.compare_ar_every
+        if not every or self.config.rollout.speculative == "off" or self.step % every:
+            return {}
+        if self.ar_llm is None:
+            self.ar_llm = LLM(self.actor, tokenizer=self.llm.tokenizer, max_num_seqs=self.config.rollout.max_num_seqs)
+        self.step -= 1  # the same seeds as the step just taken
+        _, ar_s, _ = self.rollout(problems, self.ar_llm)
+        self.step += 1
+        return {"rollout/ar_time_s": ar_s, "rollout/sd_speedup": ar_s / rollout_s}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        prompts = [self.encode(p) for p in self.eval_set]
+        params = SamplingParams(temperature=0, max_new_tokens=self.config.eval_max_new_tokens)
+        outputs = self.llm.generate(prompts, params, progress=False)
+        texts = [o.samples[0].text for o in outputs]
+        return float(np.mean(correctness_reward(texts, [p.answer for p in self.eval_set])))
+
+    # ------------------------------------------------------------------ the loop
+    def train(self, progress: bool = True) -> dict[str, float]:
+        config, summary = self.config, {}
+        if self.step == 0 and config.eval_every:
+            summary["eval/accuracy_before"] = self._log_eval()
+        bar = tqdm(total=config.steps, initial=self.step, desc="train", disable=not progress)
+        while self.step < config.steps:
+            metrics = self.train_step()
+            self.metrics.log(self.step, metrics)
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['train/reward']:.2f}", tau=f"{metrics.get('sd/accept_len', 0):.2f}")
+            last = self.step == config.steps
+            if config.eval_every and (self.step % config.eval_every == 0 or last):
+                summary["eval/accuracy"] = self._log_eval()
+            if (config.checkpoint_every and self.step % config.checkpoint_every == 0) or last:
+                self.save()
+        bar.close()
+        self.metrics.close()
+        return summary
+
+    def _log_eval(self) -> float:
+        accuracy = self.evaluate()
+        self.metrics.log(self.step, {"eval/accuracy": accuracy})
+        return accuracy
+
+    # ------------------------------------------------------------------ checkpoints
+    def state(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "position": self.position,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "rng": rng_state(), "drafters": {n: d.get_state() for n, d in self.llm.drafters.items()},
+                "reference": self.reference.state_dict() if self.reference is not None else None}
+
+    def save(self) -> Path:
+        return save_checkpoint(self.run_dir, self.step, self.actor, self.state(), tokenizer=self.llm.tokenizer,
+                               keep_last=self.config.keep_last)
+
+    def _resume(self) -> None:
+        path = latest_checkpoint(self.run_dir)
+        if path is None:
+            raise ValueError(f"resume: no complete checkpoint under {self.run_dir / 'checkpoints'}")
+        load_weights(self.actor, path / "actor")
+        state = load_trainer_state(path)
+        self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        self.order = self._order(self.epoch)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        for name, drafter_state in state["drafters"].items():
+            if name in self.llm.drafters:
+                self.llm.drafters[name].set_state(drafter_state)
+        if self.reference is not None and state["reference"] is not None:
+            self.reference.load_state_dict(state["reference"])
+
+
+def _update_batch(rollout: Rollout) -> UpdateBatch:
+    return UpdateBatch(prompt_ids=rollout.prompt_ids, token_ids=rollout.token_ids, logprobs=rollout.logprobs,
+                       advantages=rollout.advantages)
+
+
+def _spec_snapshot(llm: LLM) -> tuple:
+    s = llm.stats
+    return (s.generated_tokens, s.spec.verify_steps, s.spec.emitted, s.spec.drafted, s.spec.accepted,
+            list(s.spec.accepted_at), list(s.spec.offered_at), dict(s.arm_steps), s.decode_steps)
+
+
+def _spec_delta(llm: LLM, before: tuple, seconds: float, rows: int) -> dict[str, float]:
+    s = llm.stats
+    tokens = s.generated_tokens - before[0]
+    out = {"rollout/tokens_per_s": tokens / seconds if seconds else 0.0, "rollout/time_s": seconds,
+           "rollout/batch_size": float(rows)}
+    steps, emitted = s.spec.verify_steps - before[1], s.spec.emitted - before[2]
+    drafted, accepted = s.spec.drafted - before[3], s.spec.accepted - before[4]
+    decode_steps = s.decode_steps - before[8]
+    arms = {a: n - before[7].get(a, 0) for a, n in s.arm_steps.items()}
+    sd_steps = {a: n for a, n in arms.items() if n and a != "off"}
+    out["sd/enabled_frac"] = sum(sd_steps.values()) / decode_steps if decode_steps else 0.0
+    if steps:
+        out["sd/accept_len"] = emitted / steps
+        out["sd/accept_rate"] = accepted / drafted if drafted else 0.0
+        out["sd/k_mean"] = sum(int(a.rsplit(":", 1)[1]) * n for a, n in sd_steps.items()) / max(sum(sd_steps.values()), 1)
+        for i, (acc, off) in enumerate(zip(s.spec.accepted_at, s.spec.offered_at)):
+            got = acc - (before[5][i] if i < len(before[5]) else 0)
+            offered = off - (before[6][i] if i < len(before[6]) else 0)
+            if offered:
+                out[f"sd/accept_rate_pos_{i}"] = got / offered
+    return out
