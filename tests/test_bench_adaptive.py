@@ -14,7 +14,7 @@ def test_long_tail_budgets_are_heavy_tailed_and_capped():
 
 
 def test_adaptive_bench_on_a_tiny_model(tiny_llama, tmp_path, monkeypatch):
-    monkeypatch.setenv("RESPEC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("RESPEC_CACHE_DIR", str(tmp_path / "cache"))
     questions = tmp_path / "questions.jsonl"  # short: the tiny tokenizer spends a token per byte
     questions.write_text("".join(json.dumps({"question": f"{i} + {i}?"}) + "\n" for i in range(8)))
     result = run_adaptive_bench(str(tiny_llama), ["ngram", "self:1"], (1, 3), (1, 2), temperature=0.7,

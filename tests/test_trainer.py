@@ -191,3 +191,17 @@ def test_checkpoint_actor_opens_with_transformers(tiny_llama, tmp_path):
         theirs = hf(ids).logits
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
     assert checkpoint_module.MARKER in {p.name for p in latest_checkpoint(tmp_path).iterdir()}
+
+
+def test_demo_runs_end_to_end_on_the_tiny_model(tiny_llama, tmp_path, capsys):
+    from respec.rl.demo import run_demo
+
+    run_demo(str(tiny_llama), [f"out_dir={tmp_path / 'demo'}", "device=cpu", "steps=2", "task.levels=[1]",
+                               "task.num_eval=4", "rollout.prompts_per_step=2", "rollout.group_size=4",
+                               "rollout.max_new_tokens=8", "eval_max_new_tokens=8", "rollout.compare_ar_every=1",
+                               "rollout.drafters=[ngram, self:1]", "eval_every=2"])
+    printed = capsys.readouterr().out
+    assert "eval accuracy:" in printed and "autoregressive" in printed and "plots and summary" in printed
+    for name in ("reward.png", "eval_accuracy.png", "accept_len.png", "rollout_time.png", "time_split.png",
+                 "summary.md"):
+        assert (tmp_path / "demo" / "report" / name).is_file(), name

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from .models.presets import DEFAULT_MODEL
@@ -135,25 +134,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Until the RL trainer lands: generate with the default model and print a small table."""
-    from .bench import load_questions
-    from .engine import LLM, SamplingParams
+    """A short GRPO run with speculative rollouts on the default model (see rl/demo.py)."""
+    from .rl.demo import run_demo
 
-    llm = LLM(args.model, device=args.device, dtype=args.dtype)
-    questions = load_questions(8)
-    params = SamplingParams(n=2, temperature=0.6, max_new_tokens=96, seed=0)
-    start = time.perf_counter()
-    outputs = llm.generate(questions, params, chat=True)
-    seconds = time.perf_counter() - start
-    print(f"{'#':>2}  {'tokens':>6}  {'finish':<6}  answer (first sample)")
-    for i, out in enumerate(outputs):
-        sample = out.samples[0]
-        text = " ".join(sample.text.split())
-        print(f"{i:>2}  {len(sample.token_ids):>6}  {sample.finish_reason:<6}  {text[:90]}")
-    tokens = sum(len(s.token_ids) for o in outputs for s in o.samples)
-    print(f"\n{len(outputs)} prompts x {params.n} samples: {tokens} tokens in {seconds:.1f} s "
-          f"({tokens / seconds:.1f} tok/s) on {llm.model.device}")
-    return 0
+    return run_demo(args.model, args.overrides)
 
 
 def cmd_drafter_train(args: argparse.Namespace) -> int:
@@ -247,8 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir")
     report.set_defaults(func=cmd_report)
 
-    demo = sub.add_parser("demo", help="the `make demo` job")
+    demo = sub.add_parser("demo", help="the `make demo` job: a short GRPO run with speculative rollouts")
     _add_model_args(demo)
+    demo.add_argument("overrides", nargs="*", help="dotted overrides of the demo config, e.g. steps=4")
     demo.set_defaults(func=cmd_demo)
     return parser
 

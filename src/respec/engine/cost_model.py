@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..models import presets
 from ..models.decoder import DecoderLM
 from .cache import KVCache
 
@@ -142,7 +143,7 @@ def _time_grid(model: DecoderLM, batches: list[int], max_tokens: int, repeats: i
 def _cache_path(model: DecoderLM, batches: list[int], max_tokens: int,
                 cache_dir: str | os.PathLike | None) -> Path | None:
     if cache_dir is None:
-        cache_dir = os.environ.get("RESPEC_CACHE", Path.home() / ".cache" / "respec")
+        cache_dir = presets.cache_dir()
     if str(cache_dir) == "":
         return None
     device = model.device
