@@ -53,6 +53,8 @@ def _measure(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -
     stats = llm.stats
     before = (stats.spec.verify_steps, stats.spec.emitted, stats.decode_steps, stats.decode_s, len(stats.trace),
               dict(stats.arm_steps))
+    for drafter in llm.drafters.values():  # no run may draft from an earlier run's answers
+        drafter.reset()
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, progress=False)
     if llm.model.device.type == "cuda":

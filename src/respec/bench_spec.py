@@ -39,6 +39,8 @@ class SpecRow:
 def _arm(llm: LLM, prompts: list[list[int]], params: SamplingParams):
     def run() -> tuple[float, int, float, float]:
         before = llm.stats.spec.verify_steps, llm.stats.spec.emitted, llm.stats.spec.drafted, llm.stats.spec.accepted
+        for drafter in llm.drafters.values():  # no run may draft from an earlier run's answers
+            drafter.reset()
         start = time.perf_counter()
         outputs = llm.generate(prompts, params, progress=False)
         if llm.model.device.type == "cuda":

@@ -41,52 +41,52 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import format_table, run_bench
-
     if args.spec:
         return _spec_bench(args)
     if args.adaptive:
         return _adaptive_bench(args)
+    from .bench import format_table, run_bench
+
     result = run_bench(args.model, args.batch_sizes, args.new_tokens, args.repeats, args.device, args.dtype,
                        args.prompts, with_transformers=not args.no_transformers)
-    print(format_table(result))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.out}")
+    return _report(format_table(result), result, args.out)
+
+
+def _report(table: str, result: dict, out: str | None) -> int:
+    print(table)
+    if out:
+        Path(out).write_text(json.dumps(result, indent=2))
+        print(f"wrote {out}")
     return 0
+
+
+def _drafter_list(args: argparse.Namespace, flag: str, example: str) -> list[str]:
+    if not args.drafters:
+        raise ValueError(f"drafters: {flag} needs --drafters (e.g. {example})")
+    return args.drafters.split(",")
 
 
 def _spec_bench(args: argparse.Namespace) -> int:
     from .bench_spec import format_spec_table, run_spec_bench
 
-    if not args.drafters:
-        raise ValueError("drafters: --spec needs --drafters (e.g. drafters/smollm2-eagle,ngram,self:8)")
+    drafters = _drafter_list(args, "--spec", "drafters/smollm2-eagle,ngram,self:8")
     batch_sizes = args.batch_sizes if args.batch_sizes_given else (1, 4, 16, 64)
-    result = run_spec_bench(args.model, args.drafters.split(","), batch_sizes, args.k, args.temperatures,
+    result = run_spec_bench(args.model, drafters, batch_sizes, args.k, args.temperatures,
                             args.new_tokens, args.repeats, args.device, args.dtype, args.prompts)
-    print(format_spec_table(result))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.out}")
-    return 0
+    return _report(format_spec_table(result), result, args.out)
 
 
 def _adaptive_bench(args: argparse.Namespace) -> int:
-    from .bench_adaptive import format_adaptive_table, run_adaptive_bench, write_json
+    from .bench_adaptive import format_adaptive_table, run_adaptive_bench
 
-    if not args.drafters:
-        raise ValueError("drafters: --adaptive needs --drafters (e.g. drafters/smollm2-eagle,ngram)")
+    drafters = _drafter_list(args, "--adaptive", "drafters/smollm2-eagle,ngram")
     batch_sizes = args.batch_sizes if args.batch_sizes_given else (1, 2, 4, 8, 16, 32, 64)
     temperature = args.temperatures[-1] if args.temperatures else 0.7
-    result = run_adaptive_bench(args.model, args.drafters.split(","), batch_sizes, args.ks, temperature,
+    result = run_adaptive_bench(args.model, drafters, batch_sizes, args.ks, temperature,
                                 args.new_tokens, args.repeats, args.device, args.dtype, args.prompts,
                                 long_tail_rows=args.long_tail_rows, long_tail_max=args.long_tail_max,
                                 trace_dir=Path(args.out).parent if args.out else Path("."))
-    print(format_adaptive_table(result))
-    if args.out:
-        write_json(result, args.out)
-        print(f"wrote {args.out} and the decision-trace plot next to it")
-    return 0
+    return _report(format_adaptive_table(result), result, args.out)
 
 
 def _float_list(text: str) -> tuple[float, ...]:

@@ -121,6 +121,9 @@ class Drafter:
     def finish(self, sequence: Sequence) -> None:
         """A sequence finished (history-based drafters remember it)."""
 
+    def reset(self) -> None:
+        """Forget what earlier generate calls taught (benchmarks: each run starts equal)."""
+
     def get_state(self) -> dict | None:
         """Host-side state that shapes future drafts (a trainer checkpoints it for an exact resume)."""
         return None

@@ -41,6 +41,9 @@ class NgramDrafter(Drafter):
         while len(self.history) > self.max_prompts:
             self.history.popitem(last=False)
 
+    def reset(self) -> None:
+        self.history.clear()
+
     def get_state(self) -> dict:
         return {"history": OrderedDict((key, deque(list(v), maxlen=v.maxlen)) for key, v in self.history.items())}
 
