@@ -303,3 +303,23 @@ def test_unknown_drafter_and_bad_speculative_fail(target):
         LLM(model, tokenizer=tokenizer, drafter="ngram", speculative="fastest")
     with pytest.raises(ValueError, match="several drafters"):
         LLM(model, tokenizer=tokenizer, drafter=["ngram", "self:1"], speculative=3)
+
+
+def test_profile_noise_is_removed_by_the_dominated_minimum():
+    from respec.engine.cost_model import dominated_minimum
+
+    table = np.array([[1.0, 1.5, 9.0, 2.5],   # 9.0: an interrupted measurement
+                      [5.0, 2.0, 2.5, 3.0]])  # 5.0 at batch 2 x 1 token > batch 2 x 2 tokens
+    assert dominated_minimum(table).tolist() == [[1.0, 1.5, 2.5, 2.5], [2.0, 2.0, 2.5, 3.0]]
+
+
+def test_drafter_cost_is_learned_on_catch_up_steps_too():
+    """Alternating off and on makes every drafting step a catch-up step; the proposal's own time must
+    still be learned (else the drafter would look free), and the catch-up model gets its own scale."""
+    ctl = controller(drafters={"eagle": "target"})
+    for _ in range(20):
+        ctl.record(OFF, 4, 0.02, 0.0, None, 4)
+        ctl.record(Arm("eagle", 2), 4, 0.05, 0.004, np.array([1, 1, 1, 1]), 8, catch_up_seconds=0.02)
+    assert ctl.cost.draft_time("eagle", 4, 2) == pytest.approx(0.004, rel=1e-3)
+    ctl.missed["eagle"] = 1.0
+    assert ctl.switch_time(Arm("eagle", 2), 4) == pytest.approx(0.02, rel=1e-2)

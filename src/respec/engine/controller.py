@@ -135,7 +135,7 @@ class StaticController:
         return self.arm
 
     def record(self, arm: Arm, batch: int, seconds: float, draft_seconds: float,
-               num_accepted: np.ndarray | None, emitted: int) -> None:
+               num_accepted: np.ndarray | None, emitted: int, catch_up_seconds: float = 0.0) -> None:
         pass
 
 
@@ -199,22 +199,24 @@ class AdaptiveController:
 
     # ---------------------------------------------------------------- learning
     def record(self, arm: Arm, batch: int, seconds: float, draft_seconds: float,
-               num_accepted: np.ndarray | None, emitted: int) -> None:
-        """After a step with ``arm``: its wall time, the drafter's share of it (proposal and catch-up)
-        and, when drafting, the accepted drafts per row."""
+               num_accepted: np.ndarray | None, emitted: int, catch_up_seconds: float = 0.0) -> None:
+        """After a step with ``arm``: its wall time, the drafter's proposal and catch-up times within
+        it and, when drafting, the accepted drafts per row."""
         self._steps += 1
         self.uses[arm].uses += 1
         tokens = 1 if arm.drafter is None else arm.k + 1
-        self.cost.record_target(batch, tokens, seconds - draft_seconds)
-        per_row = emitted / max(batch, 1)
-        for name in self.missed:
-            self.missed[name] += per_row
+        self.cost.record_target(batch, tokens, seconds - draft_seconds - catch_up_seconds)
         if arm.drafter is not None:
-            caught_up = self.missed[arm.drafter] > per_row  # this step included a catch-up pass
-            if not caught_up:  # only clean steps teach the per-draft-step cost
-                self.cost.record_draft(arm.drafter, batch, arm.k, draft_seconds)
+            self.cost.record_draft(arm.drafter, batch, arm.k, draft_seconds)
+            if catch_up_seconds > 0:
+                self.cost.record_catch_up(self.catch_up_kind[arm.drafter], arm.drafter, batch,
+                                          self.missed[arm.drafter], catch_up_seconds)
             self.missed[arm.drafter] = 0.0
             self.acceptance[arm.drafter].record(num_accepted, arm.k)
+        per_row = emitted / max(batch, 1)
+        for name in self.missed:
+            if arm.drafter != name:
+                self.missed[name] += per_row
         if self.config.record_trace:
             accepted = int(num_accepted.sum()) if num_accepted is not None else 0
             self.trace.append(StepRecord(batch, arm.label, self._predicted, seconds, emitted, accepted))

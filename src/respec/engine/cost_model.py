@@ -46,6 +46,7 @@ class CostModel:
         self.correction = np.ones_like(self.table)
         self.decay = decay
         self.draft_step: dict[str, np.ndarray] = {}  # drafter -> seconds per draft step per bucket (nan = unknown)
+        self.catch_up_scale: dict[str, float] = {}  # drafter -> measured / modelled catch-up time (EW)
 
     @property
     def max_tokens(self) -> int:
@@ -83,11 +84,22 @@ class CostModel:
 
     def catch_up_time(self, kind: str, drafter: str, batch: int, missed: float) -> float:
         """Bringing a drafter up to date after ``missed`` tokens per row decoded without it."""
+        return self._catch_up_model(kind, drafter, batch, missed) * self.catch_up_scale.get(drafter, 1.0)
+
+    def _catch_up_model(self, kind: str, drafter: str, batch: int, missed: float) -> float:
         if missed <= 0 or kind == "none":
             return 0.0
         if kind == "target":  # a read-only target pass over the missed positions, then the head
             return self._profiled(batch, max(1, round(missed))) + self.draft_time(drafter, batch, 1)
         return self.draft_time(drafter, batch, 1) * max(1.0, missed / 4)  # one batched drafter pass
+
+    def record_catch_up(self, kind: str, drafter: str, batch: int, missed: float, seconds: float) -> None:
+        modelled = self._catch_up_model(kind, drafter, batch, missed)
+        if modelled <= 0 or seconds <= 0:
+            return
+        old = self.catch_up_scale.get(drafter)
+        ratio = seconds / modelled
+        self.catch_up_scale[drafter] = ratio if old is None else self.decay * old + (1 - self.decay) * ratio
 
     def record_target(self, batch: int, tokens: int, seconds: float) -> None:
         profiled = self._profiled(batch, tokens)
@@ -111,14 +123,23 @@ class CostModel:
         path = _cache_path(model, batches, max_tokens, cache_dir)
         if path is not None and path.is_file():
             data = json.loads(path.read_text())
-            return cls(data["batches"], np.asarray(data["table"]), decay)
-        table = _time_grid(model, batches, max_tokens, repeats)
+            return cls(data["batches"], dominated_minimum(np.asarray(data["table"])), decay)
+        table = dominated_minimum(_time_grid(model, batches, max_tokens, repeats))
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             partial = path.with_suffix(".tmp")
             partial.write_text(json.dumps({"batches": batches, "table": table.tolist()}))
             partial.replace(path)
         return cls(batches, table, decay)
+
+
+def dominated_minimum(table: np.ndarray) -> np.ndarray:
+    """Each cell becomes the minimum over the cells with at least as much work (same or larger batch
+    and tokens). A step never gets cheaper with more work, while a shared machine only ever makes a
+    timing slower: a cell slower than a larger one is an interrupted measurement."""
+    out = np.asarray(table, dtype=np.float64).copy()
+    out = np.minimum.accumulate(out[::-1], axis=0)[::-1]
+    return np.minimum.accumulate(out[:, ::-1], axis=1)[:, ::-1]
 
 
 @torch.inference_mode()

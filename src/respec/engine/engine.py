@@ -310,7 +310,8 @@ class Engine:
         finished += self._stop_string_hits(0, active, finished, before)
         seconds = time.perf_counter() - t0
         self.stats.decode_s += seconds
-        self.controller.record(arm, active, seconds, result.draft_seconds, result.num_accepted, emitted)
+        self.controller.record(arm, active, seconds, result.draft_seconds, result.num_accepted, emitted,
+                               result.catch_up_seconds)
         return self._finish_rows(finished)
 
     def _sample_and_commit(self, logits: torch.Tensor, lo: int, hi: int) -> int:

@@ -100,7 +100,8 @@ class StepResult:
     ends: torch.Tensor  # [B] bool: a stop token was emitted, a logprob is NaN, or the budget is spent
     finished: list[int] = field(default_factory=list)  # the rows where ``ends`` holds (host)
     num_accepted: np.ndarray | None = None  # [B] accepted drafts per row (host)
-    draft_seconds: float = 0.0  # the drafter's catch-up and proposal, when timed
+    draft_seconds: float = 0.0  # the drafter's proposal, when timed
+    catch_up_seconds: float = 0.0  # its catch-up pass, when it had one and it was timed
 
 
 def speculative_step(model: DecoderLM, cache: KVCache, slots: SlotTable, drafter: Drafter, k: int,
@@ -120,12 +121,16 @@ def speculative_step(model: DecoderLM, cache: KVCache, slots: SlotTable, drafter
                        out_tokens=slots.out_tokens[:batch])
     sampler = DraftSampler(params, slots.keys[:batch], host_generated, model.device)
     started = time.perf_counter()
+    catch_up_seconds = 0.0
     if catch_up:
         drafter.catch_up(state, model, cache)
+        if time_drafter and model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+        catch_up_seconds = time.perf_counter() - started
     proposal = drafter.propose(state, k, sampler)
     if time_drafter and model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
-    draft_seconds = time.perf_counter() - started
+    draft_seconds = time.perf_counter() - started - catch_up_seconds
     offered = torch.from_numpy(room).to(model.device)
     if proposal.lens is not None:
         offered = torch.minimum(offered, proposal.lens)
@@ -148,7 +153,7 @@ def speculative_step(model: DecoderLM, cache: KVCache, slots: SlotTable, drafter
     host = torch.stack((result.counts, verdict.num_accepted, offered, result.ends.long())).cpu().numpy()
     counts, host_accepted, host_offered = host[0].copy(), host[1], host[2]
     result.finished = np.flatnonzero(host[3]).tolist()
-    result.num_accepted, result.draft_seconds = host_accepted, draft_seconds
+    result.num_accepted, result.draft_seconds, result.catch_up_seconds = host_accepted, draft_seconds, catch_up_seconds
     stats.record(host_accepted, host_offered, counts, k)
     slots.spec_counts[:batch] += np.stack((np.ones_like(counts), host_offered, host_accepted), axis=1)
     if drafter.capture_layers:
