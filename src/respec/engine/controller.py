@@ -139,11 +139,6 @@ class StaticController:
         pass
 
 
-@dataclass
-class _ArmStats:
-    uses: int = 0
-
-
 class AdaptiveController:
     """Picks the arm of highest predicted goodput before each step; learns from each measured step."""
 
@@ -162,7 +157,7 @@ class AdaptiveController:
         self.acceptance = {d: AcceptanceEstimate(max(config.ks), config.acceptance_decay, config.prior_acceptance)
                            for d in drafters}
         self.missed = dict.fromkeys(drafters, 0.0)  # tokens per row decoded since each drafter last ran
-        self.uses = {arm: _ArmStats() for arm in self.arms}
+        self.uses = dict.fromkeys(self.arms, 0)  # steps taken per arm
         self.rng = np.random.default_rng(config.seed)
         self.trace: list[StepRecord] = []
         self._predicted = 0.0
@@ -189,7 +184,7 @@ class AdaptiveController:
     def choose(self, batch: int) -> Arm:
         scores = np.array([self.goodput(arm, batch) for arm in self.arms])
         if self.config.explore == "ucb":
-            uses = np.array([self.uses[arm].uses for arm in self.arms], dtype=np.float64)
+            uses = np.array([self.uses[arm] for arm in self.arms], dtype=np.float64)
             scores *= 1 + self.config.ucb_scale * np.sqrt(math.log(self._steps + 2) / (uses + 1))
         arm = self.arms[int(scores.argmax())]
         if self.config.explore == "epsilon" and self.rng.random() < self.config.epsilon:
@@ -203,7 +198,7 @@ class AdaptiveController:
         """After a step with ``arm``: its wall time, the drafter's proposal and catch-up times within
         it and, when drafting, the accepted drafts per row."""
         self._steps += 1
-        self.uses[arm].uses += 1
+        self.uses[arm] += 1
         tokens = 1 if arm.drafter is None else arm.k + 1
         self.cost.record_target(batch, tokens, seconds - draft_seconds - catch_up_seconds)
         if arm.drafter is not None:

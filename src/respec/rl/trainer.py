@@ -111,16 +111,17 @@ class Trainer:
         return self._encoded[problem.question]
 
     # ------------------------------------------------------------------ phases
-    def sampling_params(self, index: int) -> SamplingParams:
+    def sampling_params(self, step: int, index: int) -> SamplingParams:
         r = self.config.rollout
-        seed = zlib.crc32(f"{self.config.seed}/{self.step}/{index}".encode())
+        seed = zlib.crc32(f"{self.config.seed}/{step}/{index}".encode())
         return SamplingParams(n=r.group_size, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                               max_new_tokens=r.max_new_tokens, seed=seed)
 
-    def rollout(self, problems: list[Problem], llm: LLM | None = None) -> tuple[list, float, dict[str, float]]:
+    def rollout(self, problems: list[Problem], step: int, llm: LLM | None = None) -> tuple[list, float, dict[str, float]]:
+        """Sample every problem's group; seeds depend on (seed, ``step``, problem index) only."""
         llm = llm or self.llm
         prompts = [self.encode(p) for p in problems]
-        params = [self.sampling_params(i) for i in range(len(problems))]
+        params = [self.sampling_params(step, i) for i in range(len(problems))]
         before = _spec_snapshot(llm)
         start = time.perf_counter()
         outputs = llm.generate(prompts, params, progress=False)
@@ -130,7 +131,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         step_start = time.perf_counter()
         problems = self.next_problems()
-        outputs, rollout_s, rollout_stats = self.rollout(problems)
+        outputs, rollout_s, rollout_stats = self.rollout(problems, self.step)
         t0 = time.perf_counter()
         group = self.config.rollout.group_size
         samples = [s for o in outputs for s in o.samples]
@@ -171,9 +172,7 @@ class Trainer:
             return {}
         if self.ar_llm is None:
             self.ar_llm = LLM(self.actor, tokenizer=self.llm.tokenizer, max_num_seqs=self.config.rollout.max_num_seqs)
-        self.step -= 1  # the same seeds as the step just taken
-        _, ar_s, _ = self.rollout(problems, self.ar_llm)
-        self.step += 1
+        _, ar_s, _ = self.rollout(problems, self.step - 1, self.ar_llm)  # the seeds of the step just taken
         return {"rollout/ar_time_s": ar_s, "rollout/sd_speedup": ar_s / rollout_s}
 
     @torch.no_grad()
