@@ -107,6 +107,64 @@ class OptimConfig:
 
 
 @dataclass
+class LearnerConfig:
+    """The online drafter learner (off unless ``mode`` says otherwise)."""
+
+    mode: str = "off"  # "off", "sync", "async" (every ``every`` steps) or "triggered"
+    drafter: str | None = None  # which of rollout.drafters to train (default: the first EAGLE head)
+    loss: str = "forward_kl"  # forward_kl | reverse_kl | jsd | tv
+    weighting: str = "reward"  # none | reward | normalized | positive_advantage
+    weight_clip: float = 5.0  # for "normalized"
+    every: int = 1  # async: one update round every I RL steps
+    trigger_drop: float = 0.1  # triggered: update when accept_len falls this fraction below its post-update level
+    updates_per_round: int = 8  # optimizer steps per round
+    batch_size: int = 8  # sequences per optimizer step
+    lr: float = 3e-4
+    grad_clip: float = 1.0
+    depths: int | None = None  # training-time-test unroll (default: rollout.k)
+    temperature: float | None = None  # distillation temperature (default: the rollout's, 1 when greedy)
+    buffer_tokens: int = 65536  # bound on the sample buffer, oldest samples evicted first
+    logits_top_k: int = 0  # 0: keep the full (draft-vocabulary) logits; K: top-K logprobs + the rest's mass
+    min_buffer_tokens: int = 256  # no round before the buffer holds this many tokens
+    # Rows the GRPO update skips (zero advantage, e.g. all-correct groups) get an extra forward without
+    # gradient so the learner sees them too; off keeps the learner strictly free of extra passes.
+    capture_skipped_rows: bool = False
+
+    def validate(self, rollout: RolloutConfig) -> None:
+        from .learner.losses import DIVERGENCES, REWARD_WEIGHTS
+
+        _require(self.mode in ("off", "sync", "async", "triggered"), "learner.mode",
+                 f"must be 'off', 'sync', 'async' or 'triggered', got {self.mode!r}")
+        _require(self.loss in DIVERGENCES, "learner.loss", f"must be one of {DIVERGENCES}, got {self.loss!r}")
+        _require(self.weighting in REWARD_WEIGHTS, "learner.weighting",
+                 f"must be one of {REWARD_WEIGHTS}, got {self.weighting!r}")
+        for name in ("every", "updates_per_round", "batch_size", "buffer_tokens"):
+            _require(getattr(self, name) >= 1, f"learner.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _require(0 < self.trigger_drop < 1, "learner.trigger_drop", f"must be in (0, 1), got {self.trigger_drop}")
+        _require(self.lr > 0, "learner.lr", f"must be > 0, got {self.lr}")
+        _require(self.grad_clip > 0, "learner.grad_clip", f"must be > 0, got {self.grad_clip}")
+        _require(self.weight_clip > 0, "learner.weight_clip", f"must be > 0, got {self.weight_clip}")
+        _require(self.logits_top_k >= 0, "learner.logits_top_k", f"must be >= 0, got {self.logits_top_k}")
+        _require(self.min_buffer_tokens >= 0, "learner.min_buffer_tokens", f"must be >= 0, got {self.min_buffer_tokens}")
+        if self.depths is not None:
+            _require(1 <= self.depths <= 32, "learner.depths", f"must be in [1, 32], got {self.depths}")
+        if self.temperature is not None:
+            _require(self.temperature > 0, "learner.temperature", f"must be > 0, got {self.temperature}")
+        if self.mode != "off":
+            _require(rollout.speculative != "off", "learner.mode",
+                     f"{self.mode!r} trains a drafter, but rollout.speculative is 'off'")
+            if self.drafter is not None:
+                _require(self.drafter in rollout.drafters, "learner.drafter",
+                         f"{self.drafter!r} is not one of rollout.drafters {rollout.drafters}")
+
+    def resolved_depths(self, rollout: RolloutConfig) -> int:
+        return self.depths or rollout.k
+
+    def resolved_temperature(self, rollout: RolloutConfig) -> float:
+        return self.temperature or (rollout.temperature if rollout.temperature > 0 else 1.0)
+
+
+@dataclass
 class TrainConfig:
     model: str = "smollm2-135m"
     out_dir: str = "runs/run"
@@ -123,6 +181,7 @@ class TrainConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
 
     def validate(self) -> TrainConfig:
         _require(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
@@ -131,6 +190,7 @@ class TrainConfig:
         _require(self.keep_last >= 1, "keep_last", f"must be >= 1, got {self.keep_last}")
         for section in (self.task, self.rollout, self.reward, self.optim):
             section.validate()
+        self.learner.validate(self.rollout)
         return self
 
     def to_dict(self) -> dict:

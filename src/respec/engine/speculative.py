@@ -56,6 +56,8 @@ class SpecStats:
     accepted_at: list[int] = field(default_factory=list)  # per draft position: accepted count
     offered_at: list[int] = field(default_factory=list)  # per draft position: offered count
     histogram: list[int] = field(default_factory=list)  # accepted drafts per row-step: count of 0..k
+    # per drafter weights version ("eagle@v3"): [row-steps, drafted, accepted, emitted]
+    by_version: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def accept_len(self) -> float:
@@ -71,7 +73,12 @@ class SpecStats:
         """Conditional acceptance per draft position: accepted there / offered and reached there."""
         return [a / o if o else 0.0 for a, o in zip(self.accepted_at, self.offered_at)]
 
-    def record(self, num_accepted: np.ndarray, offered: np.ndarray, emitted: np.ndarray, k: int) -> None:
+    def record(self, num_accepted: np.ndarray, offered: np.ndarray, emitted: np.ndarray, k: int,
+               version: str | None = None) -> None:
+        if version is not None:
+            counts = self.by_version.setdefault(version, [0, 0, 0, 0])
+            for i, value in enumerate((len(num_accepted), offered.sum(), num_accepted.sum(), emitted.sum())):
+                counts[i] += int(value)
         self.verify_steps += len(num_accepted)
         self.drafted += int(offered.sum())
         self.accepted += int(num_accepted.sum())
@@ -154,7 +161,7 @@ def speculative_step(model: DecoderLM, cache: KVCache, slots: SlotTable, drafter
     counts, host_accepted, host_offered = host[0].copy(), host[1], host[2]
     result.finished = np.flatnonzero(host[3]).tolist()
     result.num_accepted, result.draft_seconds, result.catch_up_seconds = host_accepted, draft_seconds, catch_up_seconds
-    stats.record(host_accepted, host_offered, counts, k)
+    stats.record(host_accepted, host_offered, counts, k, f"{drafter.name}@v{drafter.version}")
     slots.spec_counts[:batch] += np.stack((np.ones_like(counts), host_offered, host_accepted), axis=1)
     if drafter.capture_layers:
         drafter.observe(_trace(out.captured, verdict, result.counts, counts, slots, batch))

@@ -6,8 +6,11 @@ the target's distribution ``p_{t+1}`` (of ``x_{t+2}``). At inference the head dr
 its last target feature on its own hidden states, so depth ``j`` of the unroll feeds entry ``t`` the
 head's depth ``j-1`` output at ``t-1`` and lets it attend, as its cache would, to depth-0 entries up
 to ``t-j`` and to one entry of each depth ``1..j`` (positions ``t-j+1 .. t``). All depths train at
-once; the loss is forward KL(p || q) as soft cross-entropy, optionally weighted per sequence (the
-online learner's reward weights).
+once; the loss is a divergence between p and q (forward KL(p || q) by default, see losses.py),
+optionally weighted per sequence (the online learner's reward weights).
+
+Targets come dense (logits over the head's output vocabulary) or as the top-K logprobs at the
+distillation temperature plus the rest's mass; the divergence is then taken over the K + 1 bins.
 """
 
 from __future__ import annotations
@@ -19,16 +22,19 @@ import torch.nn.functional as F
 
 from ..models.decoder import DecoderLM
 from ..models.eagle import EagleHead
+from .losses import divergence
 
 
 @dataclass
 class DistillBatch:
     features: torch.Tensor  # [B, T, 3D] target's fused-layer outputs
     tokens: torch.Tensor  # [B, T]
-    target_logits: torch.Tensor  # [B, T, V'] target logits over the head's output vocabulary
+    target_logits: torch.Tensor  # [B, T, V'] target logits over the head's output vocabulary, or [B, T, K]
+    # top-K logprobs (at the distillation temperature) when ``target_index`` is given
     prompt_lens: torch.Tensor  # [B]: entries from prompt_len - 1 on are trained (they draft the response)
     lengths: torch.Tensor  # [B] real tokens per row (rows are right-padded)
     weights: torch.Tensor | None = None  # [B] per-sequence loss weights (default 1)
+    target_index: torch.Tensor | None = None  # [B, T, K] int64 head-vocabulary ids of the top-K targets
 
 
 @dataclass
@@ -49,7 +55,7 @@ class DistillResult:
 
 
 def ttt_forward(head: EagleHead, target: DecoderLM, batch: DistillBatch, depths: int,
-                temperature: float = 1.0) -> DistillResult:
+                temperature: float = 1.0, loss: str = "forward_kl") -> DistillResult:
     """Loss and per-depth statistics of the head unrolled ``depths`` steps on ``batch``."""
     features, tokens = batch.features, batch.tokens
     rows, steps = tokens.shape
@@ -57,7 +63,11 @@ def ttt_forward(head: EagleHead, target: DecoderLM, batch: DistillBatch, depths:
     positions = torch.arange(entries, device=tokens.device)
     cos, sin = target._rope(positions.expand(rows, entries))
     embeds = target.embed(tokens[:, 1:])
-    target_logp = F.log_softmax(batch.target_logits[:, 1:].float() / temperature, dim=-1)
+    if batch.target_index is None:
+        target_logp = F.log_softmax(batch.target_logits[:, 1:].float() / temperature, dim=-1)
+        target_index = None
+    else:
+        target_logp, target_index = batch.target_logits[:, 1:].float(), batch.target_index[:, 1:]
     base_mask = _trained_entries(batch, entries)
     hidden = head.fuse(features[:, :-1])
     keys, values, outputs = [], [], []
@@ -72,8 +82,9 @@ def ttt_forward(head: EagleHead, target: DecoderLM, batch: DistillBatch, depths:
         out = head.attend(q, torch.cat(keys, dim=2), torch.cat(values, dim=2), mask, hidden)
         outputs.append(out)
         trained = base_mask & (positions[None, :] - depth >= batch.prompt_lens[:, None] - 1)
-        loss, depth_stats = _depth_loss(head, target, out, target_logp, trained, batch.weights, temperature)
-        losses.append(loss)
+        depth_loss, depth_stats = _depth_loss(head, target, out, (target_logp, target_index), trained,
+                                              batch.weights, temperature, loss)
+        losses.append(depth_loss)
         for name, value in depth_stats.items():
             stats[name].append(value)
     return DistillResult(loss=torch.stack(losses).mean(), **stats)
@@ -95,24 +106,36 @@ def _depth_mask(entries: int, depth: int, device: torch.device) -> torch.Tensor:
     return torch.cat(blocks, dim=1)
 
 
-def _depth_loss(head: EagleHead, target: DecoderLM, hidden: torch.Tensor, target_logp: torch.Tensor,
-                trained: torch.Tensor, weights: torch.Tensor | None, temperature: float):
-    """Soft cross-entropy of the head against p on the trained entries only (saves the LM-head cost)."""
+def _depth_loss(head: EagleHead, target: DecoderLM, hidden: torch.Tensor, target_dist: tuple,
+                trained: torch.Tensor, weights: torch.Tensor | None, temperature: float, kind: str):
+    """The divergence of the head from p on the trained entries only (saves the LM-head cost)."""
     rows, cols = trained.nonzero(as_tuple=True)
     if rows.numel() == 0:
         zero = hidden.sum() * 0.0
         return zero, {"kl": 0.0, "top1": 0.0, "alpha": 0.0}
     logits = head.head_logits(hidden[rows, cols], target) / temperature
     q_logp = F.log_softmax(logits, dim=-1)
+    target_logp, target_index = target_dist
     p_logp = target_logp[rows, cols]
-    p = p_logp.exp()
-    cross = -(p * q_logp).sum(-1)
-    row_weight = weights[rows] if weights is not None else torch.ones_like(cross)
-    loss = (cross * row_weight).sum() / row_weight.sum().clamp(min=1e-8)
+    top1 = q_logp.argmax(-1) == (p_logp.argmax(-1) if target_index is None else target_index[rows, cols, 0])
+    if target_index is not None:
+        p_logp, q_logp = _top_k_bins(p_logp, q_logp, target_index[rows, cols])
+    per_row = divergence(p_logp, q_logp, kind)
+    row_weight = weights[rows] if weights is not None else torch.ones_like(per_row)
+    loss = (per_row * row_weight).sum() / row_weight.sum().clamp(min=1e-8)
     with torch.no_grad():
-        entropy = -(p * p_logp.clamp(min=-1e4)).sum(-1)
-        stats = {"kl": float((cross - entropy).mean()),
-                 "top1": float((q_logp.argmax(-1) == p_logp.argmax(-1)).float().mean()),
-                 "alpha": float(torch.minimum(p, q_logp.exp()).sum(-1).mean())}
+        kl = per_row if kind == "forward_kl" else divergence(p_logp, q_logp, "forward_kl")
+        stats = {"kl": float(kl.mean()), "top1": float(top1.float().mean()),
+                 "alpha": float(torch.minimum(p_logp.exp(), q_logp.exp()).sum(-1).mean())}
     return loss, stats
 
+
+def _top_k_bins(p_top: torch.Tensor, q_logp: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """p and q over K + 1 bins: the top-K tokens of p, then everything else."""
+    q_top = q_logp.gather(-1, index)
+
+    def with_rest(top: torch.Tensor) -> torch.Tensor:
+        rest = torch.log((1 - top.exp().sum(-1, keepdim=True)).clamp(min=1e-6))
+        return torch.cat((top, rest), dim=-1)
+
+    return with_rest(p_top), with_rest(q_top)

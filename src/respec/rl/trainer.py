@@ -29,7 +29,8 @@ from .checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_c
 from .grpo import group_advantages
 from .rewards import RewardFn, combine, correctness_reward
 from .tasks import Problem, chat_prompt, load_task
-from .update import UpdateBatch, grpo_update
+from .learner_hooks import make_online_learner, skipped_rows_filter
+from .update import Capture, UpdateBatch, grpo_update
 
 DrafterHook = Callable[["Trainer", "Rollout"], dict[str, float]]
 
@@ -85,6 +86,8 @@ class Trainer:
         self.order = self._order(0)
         self._encoded: dict[str, list[int]] = {}
         self.ar_llm: LLM | None = None  # for paired AR timings (compare_ar)
+        self.learner, self.learner_worker = make_online_learner(config, self.llm)
+        self.ledger = {"drafter_train_s": 0.0, "rollout_saved_s": 0.0, "speedup": None}
         if resume:
             self._resume()
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -145,12 +148,16 @@ class Trainer:
                           advantages, rollout_s, rollout_stats)
         t0 = time.perf_counter()
         update = grpo_update(self.actor, self.optimizer, self.scheduler, self.config, _update_batch(rollout),
-                             self.reference)
+                             self.reference, self._capture(rollout))
         update_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         drafter = self.drafter_hook(self, rollout) if self.drafter_hook else {}
+        if self.learner_worker is not None:
+            self.learner_worker.after_update(self.actor, self.step, rollout_stats.get("sd/accept_len"))
         drafter_s = time.perf_counter() - t0
         self.step += 1
+        if self.learner_worker is not None:
+            drafter.update(self.learner_worker.metrics(self.step))
         grouped = rewards.view(-1, group)
         metrics = {
             "train/reward": float(rewards.mean()), "train/reward_std": float(rewards.std()),
@@ -162,8 +169,35 @@ class Trainer:
             "timing_s/drafter": drafter_s,
         }
         metrics.update(self._compare_ar(problems, rollout_s))
+        metrics.update(self._ledger(metrics))
         metrics["timing_s/step"] = time.perf_counter() - step_start
         return metrics
+
+    def _capture(self, rollout: Rollout) -> Capture | None:
+        """The learner's share of the update's forward: features + logits of each row, with its reward."""
+        if self.learner is None:
+            return None
+        rewards, advantages, step = rollout.rewards.tolist(), rollout.advantages.tolist(), self.step
+
+        def keep(micro, captured, logits) -> None:
+            self.learner.capture(micro.ids, micro.lengths, micro.prompt_lens, captured, logits,
+                                 [rewards[r] for r in micro.rows], [advantages[r] for r in micro.rows], step)
+
+        extra = skipped_rows_filter(self.config.learner, rewards) if self.config.learner.capture_skipped_rows else None
+        return Capture(self.learner.fuse_layers, keep, extra)
+
+    def _ledger(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Drafter-training seconds spent vs rollout seconds saved (from the latest paired AR timing)."""
+        if "rollout/sd_speedup" in metrics:
+            self.ledger["speedup"] = metrics["rollout/sd_speedup"]
+        if self.ledger["speedup"] is not None:
+            self.ledger["rollout_saved_s"] += metrics["timing_s/rollout"] * (self.ledger["speedup"] - 1)
+        if self.learner is not None:
+            self.ledger["drafter_train_s"] = self.learner.train_time_s
+        if self.ledger["speedup"] is None and self.learner is None:
+            return {}
+        return {"ledger/drafter_train_s": self.ledger["drafter_train_s"],
+                "ledger/rollout_saved_s": self.ledger["rollout_saved_s"]}
 
     def _compare_ar(self, problems: list[Problem], rollout_s: float) -> dict[str, float]:
         """The same prompts and seeds through plain AR decoding, timed (not trained on)."""
@@ -200,8 +234,14 @@ class Trainer:
             if (config.checkpoint_every and self.step % config.checkpoint_every == 0) or last:
                 self.save()
         bar.close()
-        self.metrics.close()
+        self.close()
         return summary
+
+    def close(self) -> None:
+        """Stop the learner's thread (after its last round) and flush the metrics."""
+        if self.learner_worker is not None:
+            self.learner_worker.close()
+        self.metrics.close()
 
     def _log_eval(self) -> float:
         accuracy = self.evaluate()
@@ -210,7 +250,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "position": self.position,
+        learner = None
+        if self.learner is not None:
+            self.learner_worker.wait_idle()  # a consistent head + optimizer + version
+            learner = self.learner.state_dict()
+        return {"learner": learner, "ledger": dict(self.ledger),"step": self.step, "epoch": self.epoch, "position": self.position,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "rng": rng_state(), "drafters": {n: d.get_state() for n, d in self.llm.drafters.items()},
                 "reference": self.reference.state_dict() if self.reference is not None else None}
@@ -235,6 +279,9 @@ class Trainer:
                 self.llm.drafters[name].set_state(drafter_state)
         if self.reference is not None and state["reference"] is not None:
             self.reference.load_state_dict(state["reference"])
+        if self.learner is not None and state.get("learner") is not None:
+            self.learner.load_state_dict(state["learner"])
+        self.ledger = state.get("ledger", self.ledger)
 
 
 def _update_batch(rollout: Rollout) -> UpdateBatch:

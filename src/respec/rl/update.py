@@ -7,6 +7,7 @@ is exactly 1 before the update and the rollout logprobs can serve as the old pol
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,21 @@ class MicroBatch:
     mask: torch.Tensor  # [M, T] bool
     old_logprobs: torch.Tensor  # [M, T]
     advantages: torch.Tensor  # [M]
+    rows: list[int]  # indices into the UpdateBatch
+    prompt_lens: list[int]
+    lengths: list[int]  # prompt + response
+
+
+@dataclass
+class Capture:
+    """What the online learner takes from the actor's training forward (no extra pass): the outputs of
+    ``layers`` and the logits at the response positions, handed to ``fn(micro, captured, logits)``.
+    ``extra_rows`` (indices) are rows the update skips (zero advantage) that the learner still wants:
+    they get a forward without gradient."""
+
+    layers: tuple[int, ...]
+    fn: Callable[[MicroBatch, dict, torch.Tensor], None]
+    extra_rows: Callable[[list[int]], list[int]] | None = None
 
 
 def make_micro_batch(batch: UpdateBatch, rows: list[int], device: torch.device) -> MicroBatch:
@@ -56,15 +72,18 @@ def make_micro_batch(batch: UpdateBatch, rows: list[int], device: torch.device) 
         mask[i, :t] = True
         predict_at[i] = (n - 1 + torch.arange(steps)).clamp(max=width - 1)
     return MicroBatch(ids.to(device), attention.to(device), predict_at.to(device), tokens.to(device),
-                      mask.to(device), old.to(device), batch.advantages[rows].to(device))
+                      mask.to(device), old.to(device), batch.advantages[rows].to(device), list(rows),
+                      [len(p) for p in prompts], [len(p) + len(t) for p, t in zip(prompts, responses)])
 
 
-def sequence_logprobs(model: DecoderLM, micro: MicroBatch, config: TrainConfig,
-                      with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def sequence_logprobs(model: DecoderLM, micro: MicroBatch, config: TrainConfig, with_entropy: bool = False,
+                      capture: Capture | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Teacher-forced logprobs ``[M, T]`` of the response tokens under the sampling distribution."""
-    out = model(micro.ids, attention_mask=micro.attention)
+    out = model(micro.ids, attention_mask=micro.attention, capture_layers=capture.layers if capture else ())
     rows = torch.arange(micro.ids.shape[0], device=micro.ids.device)[:, None]
     logits = model.logits(out.hidden[rows, micro.predict_at])
+    if capture is not None:
+        capture.fn(micro, out.captured, logits)
     r = config.rollout
     params = uniform_row_params(logits.shape[0], r.temperature, r.top_k, r.top_p, device=logits.device)
     logprobs_all = processed_logprobs_steps(logits, params)
@@ -77,9 +96,10 @@ def sequence_logprobs(model: DecoderLM, micro: MicroBatch, config: TrainConfig,
 
 
 def grpo_update(model: DecoderLM, optimizer: torch.optim.Optimizer, scheduler, config: TrainConfig,
-                batch: UpdateBatch, reference: DecoderLM | None = None) -> dict[str, float]:
+                batch: UpdateBatch, reference: DecoderLM | None = None, capture: Capture | None = None) -> dict[str, float]:
     """Accumulate the loss over micro-batches, clip, step. Rows with zero advantage carry no policy
-    gradient and are skipped unless a KL term needs them; the token normaliser still counts them."""
+    gradient and are skipped unless a KL term needs them; the token normaliser still counts them.
+    ``capture`` hands the forward's features and logits to the online learner."""
     o = config.optim
     device = model.device
     total_tokens = float(sum(len(t) for t in batch.token_ids))
@@ -90,7 +110,7 @@ def grpo_update(model: DecoderLM, optimizer: torch.optim.Optimizer, scheduler, c
     optimizer.zero_grad(set_to_none=True)
     for start in range(0, len(wanted), o.micro_batch_size):
         micro = make_micro_batch(batch, wanted[start: start + o.micro_batch_size], device)
-        logprobs, entropy = sequence_logprobs(model, micro, config, with_entropy=True)
+        logprobs, entropy = sequence_logprobs(model, micro, config, with_entropy=True, capture=capture)
         ref = None
         if reference is not None:
             with torch.no_grad():
@@ -104,6 +124,8 @@ def grpo_update(model: DecoderLM, optimizer: torch.optim.Optimizer, scheduler, c
         sums["entropy"] += float((entropy * micro.mask).sum())
         sums["tokens"] += float(micro.mask.sum())
         diffs.append((logprobs.detach() - micro.old_logprobs)[micro.mask].abs())
+    if capture is not None and capture.extra_rows is not None:
+        _capture_skipped(model, config, batch, capture, [i for i in range(len(batch.token_ids)) if i not in set(wanted)])
     grad_norm = 0.0
     if wanted:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip))
@@ -118,3 +140,12 @@ def grpo_update(model: DecoderLM, optimizer: torch.optim.Optimizer, scheduler, c
             "train/grad_norm": grad_norm, "train/rows_updated": float(len(wanted)),
             "train/logprob_diff_mean": float(diff.mean()) if diff.numel() else 0.0,
             "train/logprob_diff_max": float(diff.max()) if diff.numel() else 0.0}
+
+
+@torch.no_grad()
+def _capture_skipped(model: DecoderLM, config: TrainConfig, batch: UpdateBatch, capture: Capture,
+                     skipped: list[int]) -> None:
+    rows = [i for i in capture.extra_rows(skipped) if batch.token_ids[i]]
+    for start in range(0, len(rows), config.optim.micro_batch_size):
+        micro = make_micro_batch(batch, rows[start: start + config.optim.micro_batch_size], model.device)
+        sequence_logprobs(model, micro, config, capture=capture)

@@ -99,6 +99,37 @@ class Drafter:
     capture_layers: tuple[int, ...] = ()  # target layers whose outputs ``propose`` needs in the trace
     name: str = "drafter"  # how arms and statistics call it
     catch_up_kind: str = "none"  # what ``catch_up`` runs: "none", "target" (a read-only target pass), "self"
+    version: int = 0  # of the weights now in use (0: as loaded); the online learner publishes newer ones
+    source = None  # a Mailbox or DirectorySource of newer weights (see ``subscribe``)
+    swap_errors: list[str]
+
+    def learnable(self) -> torch.nn.Module | None:
+        """The module whose weights an online learner trains and publishes (None: nothing to learn)."""
+        return None
+
+    def subscribe(self, source) -> None:
+        """Take newer weights from ``source`` (``.version`` and ``.latest()``) at decode-step boundaries."""
+        if self.learnable() is None:
+            raise ValueError(f"drafter {self.name!r} has no weights to update")
+        self.source, self.swap_errors, self._rejected = source, [], 0
+
+    def swap_if_newer(self) -> bool:
+        """Between decode steps: load the source's newest snapshot if it is newer and sound. A bad one
+        is rejected (and remembered, so it is not retried) and the current weights stay."""
+        newest = self.source.version
+        if newest <= self.version or newest == self._rejected:
+            return False
+        from ...learner.publish import apply_snapshot
+
+        snapshot = self.source.latest()
+        try:
+            apply_snapshot(self.learnable(), snapshot)
+        except ValueError as err:
+            self._rejected = snapshot.version
+            self.swap_errors.append(str(err))
+            return False
+        self.version = snapshot.version
+        return True
 
     def allocate(self, rows: int, max_len: int, block: int) -> None:
         """Prepare per-row state for up to ``rows`` rows of up to ``max_len`` positions; a verify

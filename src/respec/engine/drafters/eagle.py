@@ -37,6 +37,9 @@ class EagleDrafter(Drafter):
     def from_pretrained(cls, path: str | os.PathLike, target: DecoderLM) -> EagleDrafter:
         return cls(EagleHead.from_pretrained(path, target), target)
 
+    def learnable(self) -> EagleHead:
+        return self.head
+
     # ------------------------------------------------------------------ state
     def allocate(self, rows: int, max_len: int, block: int) -> None:
         config, device, dtype = self.head.config, self.target.device, self.target.dtype

@@ -1,0 +1,151 @@
+"""When and where the online learner trains: sync, async every I steps, or triggered by staleness.
+
+``sync``: the round runs in the trainer's thread after the actor's update (the step waits for it).
+``async``: every ``every`` RL steps a round is handed to a background thread and overlaps the next
+rollout; its weights are swapped in mid-rollout at a decode-step boundary as soon as they are
+published. If a round is still running when the next one is due, the newer request replaces any
+waiting one (the buffer already holds its samples), so the learner never falls behind by a queue.
+``triggered``: a round is due when the live acceptance length falls ``trigger_drop`` below its level
+right after the last update took effect (the first step sets the level before any update).
+
+A learner that fails never stops the RL run: the error is kept and reported in the metrics, the
+worker stops, and rollouts go on with the last good drafter.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+import warnings
+
+from ..config import LearnerConfig
+from ..models.decoder import DecoderLM
+from .online import FrozenTarget, OnlineLearner, RoundResult
+
+
+class TriggerPolicy:
+    """Decides, from the acceptance length of each step, when a triggered learner updates."""
+
+    def __init__(self, drop: float) -> None:
+        self.drop = drop
+        self.level: float | None = None  # acceptance length right after the last update took effect
+        self.awaiting_level = True
+
+    def updated(self) -> None:
+        """A new version was published: the next observed acceptance length is the new level."""
+        self.awaiting_level = True
+
+    def due(self, accept_len: float | None) -> bool:
+        if accept_len is None:  # no speculative step this time (controller kept SD off)
+            return False
+        if self.awaiting_level:
+            self.level, self.awaiting_level = accept_len, False
+            return False
+        return accept_len < (1 - self.drop) * self.level
+
+
+class LearnerWorker:
+    def __init__(self, learner: OnlineLearner, config: LearnerConfig) -> None:
+        self.learner, self.config = learner, config
+        self.trigger = TriggerPolicy(config.trigger_drop) if config.mode == "triggered" else None
+        self.error: str | None = None
+        self.rounds: list[RoundResult] = []
+        self.wait_s = 0.0  # trainer-thread seconds spent on the learner (copies, sync rounds, joins)
+        self._cond = threading.Condition()
+        self._request: FrozenTarget | None = None
+        self._busy = False
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        if config.mode in ("async", "triggered"):
+            self._thread = threading.Thread(target=self._loop, name="respec-learner", daemon=True)
+            self._thread.start()
+
+    # ------------------------------------------------------------------ the trainer's side
+    def after_update(self, actor: DecoderLM, step: int, accept_len: float | None) -> None:
+        """Called once per RL step, after the actor's update (its samples are in the buffer)."""
+        if self.error is not None or not self._due(step, accept_len) or not self.learner.ready():
+            return
+        started = time.perf_counter()
+        target = self.learner.frozen_target(actor)
+        if self.config.mode == "sync":
+            self._run_round(target)
+        else:
+            with self._cond:
+                self._request = target
+                self._cond.notify()
+        self.wait_s += time.perf_counter() - started
+
+    def _due(self, step: int, accept_len: float | None) -> bool:
+        if self.trigger is not None:
+            return self.trigger.due(accept_len)
+        return (step + 1) % self.config.every == 0
+
+    def wait_idle(self, timeout: float | None = None) -> None:
+        """Block until no round is running or waiting (checkpoints, the end of a run)."""
+        started = time.perf_counter()
+        with self._cond:
+            self._cond.wait_for(lambda: not self._busy and self._request is None or self.error is not None
+                                or self._thread is None, timeout)
+        self.wait_s += time.perf_counter() - started
+
+    def close(self) -> None:
+        if self._thread is None:
+            return
+        self.wait_idle()
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self._thread.join()
+        self._thread = None
+
+    # ------------------------------------------------------------------ the worker's side
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._request is not None or self._stop)
+                if self._stop:
+                    return
+                target, self._request, self._busy = self._request, None, True
+            try:
+                self._run_round(target)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+            if self.error is not None:
+                return
+
+    def _run_round(self, target: FrozenTarget) -> None:
+        try:
+            result = self.learner.train_round(target)
+        except Exception:  # noqa: BLE001 -- any learner failure: report it, keep rolling out
+            self.error = traceback.format_exc()
+            warnings.warn(f"online learner failed; rollouts go on with drafter v{self.learner.drafter.version}:\n"
+                          f"{self.error}", RuntimeWarning, stacklevel=2)
+            return
+        self.rounds.append(result)
+        if self.trigger is not None and result.updates:
+            self.trigger.updated()
+
+    # ------------------------------------------------------------------ metrics
+    def metrics(self, step: int) -> dict[str, float]:
+        """``drafter/*`` for the step just taken (``step`` = steps completed so far). ``lag_steps``: actor
+        updates since the rollout whose samples the drafter in use last learned from."""
+        learner, drafter = self.learner, self.learner.drafter
+        in_use = drafter.version
+        trained_on = learner.version_step.get(in_use, 0)
+        out = {"drafter/version": float(in_use), "drafter/published": float(learner.version),
+               "drafter/updates": float(learner.updates), "drafter/train_time_s": learner.train_time_s,
+               "drafter/wait_s": self.wait_s, "drafter/lag_steps": float(step - trained_on),
+               "drafter/buffer_tokens": float(learner.buffer.num_tokens), "drafter/error": float(self.error is not None)}
+        if self.rounds:
+            last = self.rounds[-1]
+            out["drafter/kd_loss"] = last.kd_loss
+            for depth, acc in enumerate(last.acc_steps):
+                out[f"drafter/acc_step_{depth}"] = acc
+            if last.tau_sim_before is not None:
+                out["drafter/tau_sim"] = last.tau_sim_before
+                out["drafter/tau_sim_after"] = last.tau_sim_after
+        return out
+
