@@ -10,8 +10,16 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from test_speculative import N_SAMPLES, P_VALUE_LIMIT, SMALL_VOCAB, ar_samples, cells, prompts_for, two_sample_p_value
-from test_speculative import small_target  # noqa: F401 -- the fixture
+from test_speculative import (
+    N_SAMPLES,
+    P_VALUE_LIMIT,
+    SMALL_VOCAB,
+    ar_samples,
+    cells,
+    prompts_for,
+    small_target,  # noqa: F401 -- the fixture
+    two_sample_p_value,
+)
 from test_trainer import char_class_reward, tiny_config
 
 from respec import LLM, SamplingParams
@@ -284,7 +292,7 @@ def test_worker_publishes_and_a_failing_learner_never_stops_rollouts(target_llm,
         raise RuntimeError("learner exploded")
 
     learner.head.fc.forward = broken
-    with pytest.warns(RuntimeWarning, match="learner failed"):
+    with pytest.warns(RuntimeWarning, match="learner failed"):  # noqa: PT031 -- async: the warning comes on wait
         worker.after_update(target_llm.model, 1, None)
         worker.wait_idle()
     assert "learner exploded" in worker.error and worker.metrics(2)["drafter/error"] == 1.0
@@ -334,7 +342,9 @@ def test_trainer_trains_publishes_and_resumes_the_drafter_exactly(tiny_llama, he
 
 
 def test_capture_skipped_rows_adds_all_correct_groups(tiny_llama, head_dir, tmp_path):
-    always_right = lambda texts, gold: [1.0] * len(texts)  # noqa: E731 -- zero advantage everywhere
+    def always_right(texts, gold):  # zero advantage everywhere: the update skips every row
+        return [1.0] * len(texts)
+
     plain = Trainer(tiny_config(tiny_llama, tmp_path / "p", "rollout.speculative=static", f"rollout.drafters=[{head_dir}]",
                                 "learner.mode=sync"), reward_fn=always_right)
     plain.train_step()

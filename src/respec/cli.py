@@ -45,6 +45,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return _spec_bench(args)
     if args.adaptive:
         return _adaptive_bench(args)
+    if args.online:
+        return _online_bench(args)
     from .bench import format_table, run_bench
 
     result = run_bench(args.model, args.batch_sizes, args.new_tokens, args.repeats, args.device, args.dtype,
@@ -87,6 +89,18 @@ def _adaptive_bench(args: argparse.Namespace) -> int:
                                 long_tail_rows=args.long_tail_rows, long_tail_max=args.long_tail_max,
                                 trace_dir=Path(args.out).parent if args.out else Path("."))
     return _report(format_adaptive_table(result), result, args.out)
+
+
+def _online_bench(args: argparse.Namespace) -> int:
+    from .bench_online import format_online_table, run_online_bench, write_online_results
+
+    drafter = _drafter_list(args, "--online", "drafters/smollm2-eagle")[0]
+    out = Path(args.out or "runs/online-bench/online_learner.json")
+    result = run_online_bench(args.config, drafter, args.arms.split(","), args.steps, out.parent, args.set)
+    write_online_results(result, out)
+    print(format_online_table(result))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
 
 
 def _float_list(text: str) -> tuple[float, ...]:
@@ -186,6 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ks", type=_int_list, default=(1, 2, 3, 4), help="k values for --adaptive")
     bench.add_argument("--long-tail-rows", type=int, default=64)
     bench.add_argument("--long-tail-max", type=int, default=256, help="longest budget of the long-tail workload")
+    bench.add_argument("--online", action="store_true",
+                       help="the same GRPO run without SD, with a frozen drafter and with the online learner")
+    bench.add_argument("--config", default="configs/smollm2-arith.yaml", help="base training config for --online")
+    bench.add_argument("--arms", default="a,a2,b,c,d,e,f,g", help="arms for --online (see bench_online.py)")
+    bench.add_argument("--steps", type=int, default=12, help="RL steps per arm for --online")
+    bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="config override for every --online arm (repeatable)")
     bench.set_defaults(func=cmd_bench)
 
     drafter = sub.add_parser("drafter", help="drafter tools")

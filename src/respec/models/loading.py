@@ -18,7 +18,6 @@ from .decoder import DecoderLM
 from .presets import resolve_preset
 from .weights import hf_to_respec, load_into, respec_to_hf
 
-
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 

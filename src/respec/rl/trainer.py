@@ -27,9 +27,9 @@ from ..metrics import MetricsWriter
 from ..models.loading import load_weights
 from .checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from .grpo import group_advantages
+from .learner_hooks import make_online_learner, skipped_rows_filter
 from .rewards import RewardFn, combine, correctness_reward
 from .tasks import Problem, chat_prompt, load_task
-from .learner_hooks import make_online_learner, skipped_rows_filter
 from .update import Capture, UpdateBatch, grpo_update
 
 DrafterHook = Callable[["Trainer", "Rollout"], dict[str, float]]
