@@ -126,6 +126,11 @@ def summarize(arms: dict) -> dict:
         if "a" in arms and other in arms:
             pairs = zip(_series(arms, "a", "train/reward"), _series(arms, other, "train/reward"))
             out[f"reward_gap_a_{other}"] = _mean([abs(x - y) for x, y in pairs])
+    for arm in ("c", "d", "e", "f", "g"):  # the ledger: drafter training spent vs rollout time saved
+        if arm in arms and "a" in arms:
+            out[f"{arm}/drafter_train_s"] = _series(arms, arm, "drafter/train_time_s")[-1]
+            out[f"{arm}/rollout_saved_s"] = (sum(_series(arms, "a", "timing_s/rollout"))
+                                             - sum(_series(arms, arm, "timing_s/rollout")))
     if out.get("a/step_s") and out.get("g/step_s"):
         out["full_system_speedup"] = out["a/step_s"] / out["g/step_s"]
     return out
@@ -143,7 +148,8 @@ def format_online_table(result: dict) -> str:
         lines.append(f"| {arm} | {data['label']} | {fmt(summary[f'{arm}/accept_len_first_third'])} / "
                      f"{fmt(summary[f'{arm}/accept_len_last_third'])} | {fmt(summary[f'{arm}/rollout_s'], '.1f')} | "
                      f"{fmt(summary[f'{arm}/step_s'], '.1f')} | {fmt(summary[f'{arm}/reward'], '.3f')} |")
-    extras = {k: v for k, v in summary.items() if "/" not in k or k.startswith("e/")}
+    extras = {k: v for k, v in summary.items()
+              if "/" not in k or k.startswith("e/") or k.endswith(("drafter_train_s", "rollout_saved_s"))}
     lines += ["", *(f"{k}: {fmt(v, '.3f')}" for k, v in extras.items())]
     return "\n".join(lines)
 
