@@ -139,6 +139,24 @@ def test_decisions_are_deterministic_for_a_seed(explore):
     assert explore == "ucb" or other != runs[0]
 
 
+def test_exploration_skips_arms_predicted_far_below_the_best():
+    """At batch 64 speculation loses by far: epsilon exploration must not keep paying for it."""
+    ctl = controller("epsilon", epsilon=0.5)
+    arms = feed(ctl, 64, 200, accepted=0)
+    assert arms[-100:] == [OFF] * 100
+    wide = controller("epsilon", epsilon=0.5, explore_margin=1.0)  # every arm may be explored
+    assert any(arm.drafter is not None for arm in feed(wide, 64, 200, accepted=0)[-100:])
+
+
+def test_a_new_drafter_version_relaxes_its_acceptance_estimate():
+    ctl = controller()
+    feed(ctl, 2, 60, accepted=0)  # the old version was never accepted
+    stale = ctl.expected_emitted(Arm("eagle", 4))
+    ctl.drafter_updated("eagle")
+    assert ctl.expected_emitted(Arm("eagle", 4)) > stale
+    ctl.drafter_updated("unknown")  # not one of its drafters: ignored
+
+
 def test_switch_on_cost_is_charged_and_spread():
     ctl = controller(drafters={"eagle": "target"}, switch_horizon=4)
     ctl.missed["eagle"] = 20

@@ -267,12 +267,13 @@ def test_buffer_is_bounded_in_tokens_and_evicts_oldest():
 
 def test_trigger_policy_fires_on_a_drop_below_the_post_update_level():
     policy = TriggerPolicy(drop=0.1)
-    assert not policy.due(2.0)  # sets the level
-    assert not policy.due(1.85) and not policy.due(None)
-    assert policy.due(1.79)
-    policy.updated()
-    assert not policy.due(1.5)  # the new level
-    assert not policy.due(1.4) and policy.due(1.3)
+    assert not policy.due(2.0, 0)  # sets the level
+    assert not policy.due(1.85, 0) and not policy.due(None, 0)
+    assert policy.due(1.79, 0)
+    policy.updated(1)
+    assert not policy.due(1.0, 0) and not policy.due(1.0, None)  # drafted by v0, or swapped mid-rollout
+    assert not policy.due(1.5, 1)  # the first rollout wholly drafted by v1 sets the new level
+    assert not policy.due(1.4, 1) and policy.due(1.3, 1)
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])

@@ -123,12 +123,15 @@ class LearnerConfig:
     grad_clip: float = 1.0
     depths: int | None = None  # training-time-test unroll (default: rollout.k)
     temperature: float | None = None  # distillation temperature (default: the rollout's, 1 when greedy)
-    buffer_tokens: int = 65536  # bound on the sample buffer, oldest samples evicted first
+    buffer_tokens: int = 32768  # bound on the sample buffer (a few recent steps), oldest samples evicted first
     logits_top_k: int = 0  # 0: keep the full (draft-vocabulary) logits; K: top-K logprobs + the rest's mass
     min_buffer_tokens: int = 256  # no round before the buffer holds this many tokens
     # Rows the GRPO update skips (zero advantage, e.g. all-correct groups) get an extra forward without
     # gradient so the learner sees them too; off keeps the learner strictly free of extra passes.
     capture_skipped_rows: bool = False
+    # CPU: niceness of the async worker thread (0-19). Above 0 it yields the cores to generation and
+    # the update and trains in their idle gaps, at the price of rounds that may take longer.
+    worker_nice: int = 0
 
     def validate(self, rollout: RolloutConfig) -> None:
         from .learner.losses import DIVERGENCES, REWARD_WEIGHTS
@@ -145,6 +148,7 @@ class LearnerConfig:
         _require(self.grad_clip > 0, "learner.grad_clip", f"must be > 0, got {self.grad_clip}")
         _require(self.weight_clip > 0, "learner.weight_clip", f"must be > 0, got {self.weight_clip}")
         _require(self.logits_top_k >= 0, "learner.logits_top_k", f"must be >= 0, got {self.logits_top_k}")
+        _require(0 <= self.worker_nice <= 19, "learner.worker_nice", f"must be in [0, 19], got {self.worker_nice}")
         _require(self.min_buffer_tokens >= 0, "learner.min_buffer_tokens", f"must be >= 0, got {self.min_buffer_tokens}")
         if self.depths is not None:
             _require(1 <= self.depths <= 32, "learner.depths", f"must be in [1, 32], got {self.depths}")
@@ -156,6 +160,9 @@ class LearnerConfig:
             if self.drafter is not None:
                 _require(self.drafter in rollout.drafters, "learner.drafter",
                          f"{self.drafter!r} is not one of rollout.drafters {rollout.drafters}")
+                if rollout.speculative == "static":  # only the first drafter is loaded
+                    _require(self.drafter == rollout.drafters[0], "learner.drafter",
+                             f"{self.drafter!r}: static speculation drafts with rollout.drafters[0] only")
 
     def resolved_depths(self, rollout: RolloutConfig) -> int:
         return self.depths or rollout.k

@@ -6,8 +6,12 @@ and the tokens it emits (per-position acceptance rates of each drafter, exponent
 stale drafter loses its place by itself), and takes the arm with the highest goodput: emitted tokens
 per second. Switching a drafter on after it sat out costs a catch-up pass, spread over
 ``switch_horizon`` steps in the comparison. Optional exploration (epsilon-greedy or UCB) keeps the
-estimates of unused arms alive; its random draws come from a seeded generator, so the choices are a
-deterministic function of the seed and of the measurements.
+estimates of unused arms alive, but only among arms predicted within ``explore_margin`` of the best:
+an arm known to lose by far is not paid for again and again (where speculation never pays, as on a
+small CPU, exploring it is pure cost). When a drafter's weights change (the online learner published
+a new version) its acceptance estimate is relaxed towards the prior, so the new version gets tried.
+The random draws come from a seeded generator, so the choices are a deterministic function of the
+seed and of the measurements.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class ControllerConfig:
     prior_acceptance: float = 0.6  # per-position acceptance assumed before a drafter is measured
     explore: str = "epsilon"
     epsilon: float = 0.02
+    explore_margin: float = 0.25  # explore only arms whose predicted goodput is within this share of the best
     ucb_scale: float = 0.1
     switch_horizon: int = 16  # steps a drafter's catch-up cost is spread over
     seed: int = 0
@@ -72,6 +77,8 @@ class ControllerConfig:
             raise ValueError(f"explore: must be one of {EXPLORATION}, got {self.explore!r}")
         if not 0 <= self.epsilon <= 1:
             raise ValueError(f"epsilon: must be in [0, 1], got {self.epsilon}")
+        if not 0 <= self.explore_margin <= 1:
+            raise ValueError(f"explore_margin: must be in [0, 1], got {self.explore_margin}")
         if self.switch_horizon < 1:
             raise ValueError(f"switch_horizon: must be >= 1, got {self.switch_horizon}")
 
@@ -110,6 +117,11 @@ class AcceptanceEstimate:
     def expected_emitted(self, k: int) -> float:
         """Tokens per row per step: 1 + sum over j <= k of P(the first j drafts are all accepted)."""
         return 1.0 + float(np.cumprod(self.rates()[:k]).sum())
+
+    def relax(self, keep: float) -> None:
+        """Keep only ``keep`` of the evidence (the drafter changed): the prior weighs more again."""
+        self.accepted *= keep
+        self.reached *= keep
 
     def record(self, num_accepted: np.ndarray, k: int) -> None:
         positions = np.arange(k)
@@ -182,17 +194,26 @@ class AdaptiveController:
         return batch * self.expected_emitted(arm) / max(seconds, 1e-9)
 
     def choose(self, batch: int) -> Arm:
-        scores = np.array([self.goodput(arm, batch) for arm in self.arms])
+        greedy = np.array([self.goodput(arm, batch) for arm in self.arms])
+        near = greedy >= (1 - self.config.explore_margin) * greedy.max()  # arms worth exploring
+        scores = greedy
         if self.config.explore == "ucb":
             uses = np.array([self.uses[arm] for arm in self.arms], dtype=np.float64)
-            scores *= 1 + self.config.ucb_scale * np.sqrt(math.log(self._steps + 2) / (uses + 1))
+            bonus = 1 + self.config.ucb_scale * np.sqrt(math.log(self._steps + 2) / (uses + 1))
+            scores = np.where(near, greedy * bonus, greedy)
         arm = self.arms[int(scores.argmax())]
         if self.config.explore == "epsilon" and self.rng.random() < self.config.epsilon:
-            arm = self.arms[int(self.rng.integers(len(self.arms)))]
+            candidates = np.flatnonzero(near)
+            arm = self.arms[int(candidates[self.rng.integers(len(candidates))])]
         self._predicted = self.predicted_time(arm, batch) + self.switch_time(arm, batch)
         return arm
 
     # ---------------------------------------------------------------- learning
+    def drafter_updated(self, name: str, keep: float = 0.25) -> None:
+        """``name`` now drafts with new weights: its past acceptance says less about it."""
+        if name in self.acceptance:
+            self.acceptance[name].relax(keep)
+
     def record(self, arm: Arm, batch: int, seconds: float, draft_seconds: float,
                num_accepted: np.ndarray | None, emitted: int, catch_up_seconds: float = 0.0) -> None:
         """After a step with ``arm``: its wall time, the drafter's proposal and catch-up times within

@@ -273,9 +273,9 @@ class Engine:
             return 0
         if self.controller is None:
             return self._ar_step(active)
-        for drafter in self.drafters.values():  # newer published weights enter between steps
-            if drafter.source is not None:
-                drafter.swap_if_newer()
+        for name, drafter in self.drafters.items():  # newer published weights enter between steps
+            if drafter.source is not None and drafter.swap_if_newer():
+                getattr(self.controller, "drafter_updated", lambda _: None)(name)
         t0 = time.perf_counter()  # the decision is part of the step's cost
         arm = self.controller.choose(active)
         self.stats.arm_steps[arm.label] = self.stats.arm_steps.get(arm.label, 0) + 1

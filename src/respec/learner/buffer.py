@@ -28,7 +28,7 @@ class Sample:
     tokens: torch.Tensor  # [L] int64, prompt + response
     prompt_len: int
     features: torch.Tensor  # [L, 3D] bf16 fused-layer outputs
-    target: torch.Tensor  # [L - n - 1, V'] bf16 logits, or [L - n - 1, K] f32 logprobs (top-K)
+    target: torch.Tensor  # [L - n - 1, V'] bf16 log-softmax of the logits, or [L - n - 1, K] f32 logprobs (top-K)
     target_index: torch.Tensor | None  # [L - n - 1, K] int32 draft-vocabulary ids of the top-K; None = dense
     reward: float
     advantage: float
@@ -111,7 +111,9 @@ def capture_micro_batch(ids: torch.Tensor, lengths: list[int], prompt_lens: list
 
 def _target(logits: torch.Tensor, temperature: float, top_k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     if not top_k or top_k >= logits.shape[-1]:
-        return logits.to(torch.bfloat16).cpu(), None
+        # log_softmax first: bf16 then holds the likely tokens' values (near 0) finely, and dividing
+        # by a temperature later gives the same distribution as raw logits would (a shift is harmless).
+        return F.log_softmax(logits.float(), dim=-1).to(torch.bfloat16).cpu(), None
     logp = F.log_softmax(logits.float() / temperature, dim=-1)
     values, index = logp.topk(top_k, dim=-1)
     return values.cpu(), index.to(torch.int32).cpu()
@@ -124,8 +126,8 @@ def collate(samples: list[Sample], weights: torch.Tensor | None, device: torch.d
     dense = samples[0].target_index is None
     tokens = torch.zeros(rows, width, dtype=torch.int64)
     features = torch.zeros(rows, width, samples[0].features.shape[-1], dtype=dtype)
-    target = torch.zeros(rows, width, samples[0].target.shape[-1],
-                         dtype=torch.float32 if dense else samples[0].target.dtype)
+    # dense targets stay bf16 until the trained rows are picked (distill converts those to fp32)
+    target = torch.zeros(rows, width, samples[0].target.shape[-1], dtype=samples[0].target.dtype)
     index = None if dense else torch.zeros(rows, width, samples[0].target.shape[-1], dtype=torch.int64)
     if not dense:
         target.fill_(float("-inf"))

@@ -63,11 +63,8 @@ def ttt_forward(head: EagleHead, target: DecoderLM, batch: DistillBatch, depths:
     positions = torch.arange(entries, device=tokens.device)
     cos, sin = target._rope(positions.expand(rows, entries))
     embeds = target.embed(tokens[:, 1:])
-    if batch.target_index is None:
-        target_logp = F.log_softmax(batch.target_logits[:, 1:].float() / temperature, dim=-1)
-        target_index = None
-    else:
-        target_logp, target_index = batch.target_logits[:, 1:].float(), batch.target_index[:, 1:]
+    # Dense targets: raw logits, turned into logprobs at ``temperature`` only on the trained entries.
+    target_dist = (batch.target_logits[:, 1:], None if batch.target_index is None else batch.target_index[:, 1:])
     base_mask = _trained_entries(batch, entries)
     hidden = head.fuse(features[:, :-1])
     keys, values, outputs = [], [], []
@@ -82,8 +79,8 @@ def ttt_forward(head: EagleHead, target: DecoderLM, batch: DistillBatch, depths:
         out = head.attend(q, torch.cat(keys, dim=2), torch.cat(values, dim=2), mask, hidden)
         outputs.append(out)
         trained = base_mask & (positions[None, :] - depth >= batch.prompt_lens[:, None] - 1)
-        depth_loss, depth_stats = _depth_loss(head, target, out, (target_logp, target_index), trained,
-                                              batch.weights, temperature, loss)
+        depth_loss, depth_stats = _depth_loss(head, target, out, target_dist, trained, batch.weights,
+                                              temperature, loss)
         losses.append(depth_loss)
         for name, value in depth_stats.items():
             stats[name].append(value)
@@ -115,8 +112,10 @@ def _depth_loss(head: EagleHead, target: DecoderLM, hidden: torch.Tensor, target
         return zero, {"kl": 0.0, "top1": 0.0, "alpha": 0.0}
     logits = head.head_logits(hidden[rows, cols], target) / temperature
     q_logp = F.log_softmax(logits, dim=-1)
-    target_logp, target_index = target_dist
-    p_logp = target_logp[rows, cols]
+    target_values, target_index = target_dist
+    p_logp = target_values[rows, cols].float()
+    if target_index is None:
+        p_logp = F.log_softmax(p_logp / temperature, dim=-1)
     top1 = q_logp.argmax(-1) == (p_logp.argmax(-1) if target_index is None else target_index[rows, cols, 0])
     if target_index is not None:
         p_logp, q_logp = _top_k_bins(p_logp, q_logp, target_index[rows, cols])
@@ -135,7 +134,7 @@ def _top_k_bins(p_top: torch.Tensor, q_logp: torch.Tensor, index: torch.Tensor) 
     q_top = q_logp.gather(-1, index)
 
     def with_rest(top: torch.Tensor) -> torch.Tensor:
-        rest = torch.log((1 - top.exp().sum(-1, keepdim=True)).clamp(min=1e-6))
-        return torch.cat((top, rest), dim=-1)
+        mass = top.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-6)
+        return torch.cat((top, torch.log1p(-mass)), dim=-1)
 
     return with_rest(p_top), with_rest(q_top)

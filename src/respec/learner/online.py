@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import random
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -33,15 +34,20 @@ class FrozenTarget:
     """The actor parts the head reads (embedding, final norm, LM head, rope), copied so a background
     round never reads weights the actor's optimizer is changing (nor sends gradients into them)."""
 
-    def __init__(self, actor: DecoderLM, with_head: bool) -> None:
+    def __init__(self, actor: DecoderLM, with_head: bool, dtype: torch.dtype = torch.float32) -> None:
         with torch.no_grad():
-            self.embed_tokens = actor.embed_tokens.detach().clone()
-            self.norm = copy.deepcopy(actor.norm).requires_grad_(False)
+            self.embed_tokens = actor.embed_tokens.detach().to(dtype, copy=True)
+            self.norm = copy.deepcopy(actor.norm).to(dtype).requires_grad_(False)
             self.head_weight = None
             if with_head:
-                self.head_weight = self.embed_tokens if actor.lm_head is None else actor.lm_head.weight.detach().clone()
+                weight = actor.embed_tokens if actor.lm_head is None else actor.lm_head.weight
+                self.head_weight = weight.detach().to(dtype, copy=True)
         self.rope_cos, self.rope_sin = actor.rope_cos, actor.rope_sin  # buffers, never trained
-        self.dtype, self.device = actor.dtype, actor.device
+        self.dtype, self.device = dtype, actor.device
+        self.ready = None  # on a GPU: the copies' completion, for a learner on another stream to wait on
+        if self.device.type == "cuda":
+            self.ready = torch.cuda.Event()
+            self.ready.record()
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, self.embed_tokens)
@@ -71,7 +77,10 @@ class OnlineLearner:
                  seed: int = 0) -> None:
         self.drafter, self.config = drafter, config
         self.depths, self.temperature = depths, temperature
-        self.head = copy.deepcopy(drafter.head).train().requires_grad_(True)
+        # An fp32 master copy (AdamW steps on bf16 weights would round small updates away); the
+        # published snapshots are cast to the drafter's own dtype.
+        self.head = copy.deepcopy(drafter.head).float().train().requires_grad_(True)
+        self.publish_dtype = next(drafter.head.parameters()).dtype
         self.head.draft_to_target.requires_grad_(False)
         self.params = [p for p in self.head.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=0.0)
@@ -80,6 +89,7 @@ class OnlineLearner:
         self.version = drafter.version
         self.rng = random.Random(seed)
         self.updates, self.train_time_s = 0, 0.0
+        self._warned_negative = False
         # per version: the RL step of the newest samples it learned from (the loaded head: the initial actor)
         self.version_step: dict[int, int] = {self.version: 0}
         drafter.subscribe(self.mailbox)
@@ -93,7 +103,7 @@ class OnlineLearner:
         return self.head.draft_to_target if self.head.draft_head is not None else None
 
     def frozen_target(self, actor: DecoderLM) -> FrozenTarget:
-        return FrozenTarget(actor, with_head=self.head.draft_head is None)
+        return FrozenTarget(actor, with_head=self.head.draft_head is None, dtype=torch.float32)
 
     # ------------------------------------------------------------------ samples
     def capture(self, ids: torch.Tensor, lengths: list[int], prompt_lens: list[int], captured: dict,
@@ -133,7 +143,7 @@ class OnlineLearner:
         self.updates += len(losses)
         self.version += 1
         self.version_step[self.version] = newest
-        self.mailbox.publish(make_snapshot(self.head, self.version, {"step": newest}))
+        self.mailbox.publish(make_snapshot(self.head, self.version, {"step": newest}, self.publish_dtype))
         seconds = time.perf_counter() - started
         self.train_time_s += seconds
         acc = tuple(sum(t[d] for t in tops) / len(tops) for d in range(self.depths))
@@ -144,6 +154,12 @@ class OnlineLearner:
         if not samples:
             return torch.zeros(0)
         rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
+        if self.config.weighting == "reward" and bool((rewards < 0).any()):
+            if not self._warned_negative:
+                warnings.warn("learner.weighting=reward: negative rewards count as 0 (use 'normalized' for "
+                              "signed rewards)", RuntimeWarning, stacklevel=2)
+                self._warned_negative = True
+            rewards = rewards.clamp(min=0)
         advantages = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
         return reward_weights(rewards, advantages, self.config.weighting, self.config.weight_clip)
 
@@ -172,7 +188,8 @@ class OnlineLearner:
         self.buffer.load_state(state["buffer"])
         self.rng.setstate(state["rng"])
         self.version_step = dict(state["version_step"])
-        snapshot = make_snapshot(self.head, self.version, {"step": self.version_step.get(self.version, -1)})
+        snapshot = make_snapshot(self.head, self.version, {"step": self.version_step.get(self.version, 0)},
+                                 self.publish_dtype)
         apply_snapshot(self.drafter.head, snapshot)
         self.drafter.version = self.version
         self.mailbox = Mailbox()

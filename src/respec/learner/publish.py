@@ -46,9 +46,13 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     return hasher.hexdigest()
 
 
-def make_snapshot(module: torch.nn.Module, version: int, meta: dict | None = None) -> DrafterSnapshot:
-    """Host copies of ``module``'s state (the learner keeps training its own tensors)."""
-    tensors = {name: t.detach().to("cpu", copy=True) for name, t in module.state_dict().items()}
+def make_snapshot(module: torch.nn.Module, version: int, meta: dict | None = None,
+                  dtype: torch.dtype | None = None) -> DrafterSnapshot:
+    """Host copies of ``module``'s state (the learner keeps training its own tensors); floating
+    tensors cast to ``dtype`` when given (the drafter's own)."""
+    tensors = {name: t.detach().to("cpu", dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype,
+                                   copy=True)
+               for name, t in module.state_dict().items()}
     return DrafterSnapshot(version, tensors, tensor_digest(tensors), dict(meta or {}))
 
 
@@ -98,6 +102,8 @@ def save_snapshot(root: str | os.PathLike, snapshot: DrafterSnapshot) -> Path:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"v{snapshot.version:06d}"
+    if final.exists():
+        raise ValueError(f"publish: {final} already exists (versions are published once)")
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
         save_file({n: t.contiguous() for n, t in snapshot.tensors.items()}, str(staging / "model.safetensors"))
@@ -123,10 +129,11 @@ def load_snapshot(path: str | os.PathLike) -> DrafterSnapshot:
     return snapshot
 
 
-def load_latest(root: str | os.PathLike, newer_than: int = 0) -> tuple[DrafterSnapshot | None, list[str]]:
-    """The newest valid snapshot under ``root`` with a version above ``newer_than``, and the reasons
-    any newer directory was rejected."""
-    root, rejected = Path(root), []
+def load_latest(root: str | os.PathLike, newer_than: int = 0,
+                skip: set[str] | None = None) -> tuple[DrafterSnapshot | None, dict[str, str]]:
+    """The newest valid snapshot under ``root`` with a version above ``newer_than``, and why each newer
+    directory was rejected, by name (directories named in ``skip`` are passed over unread)."""
+    root, rejected, skip = Path(root), {}, skip or set()
     if not root.is_dir():
         return None, rejected
     candidates = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("v") and p.name[1:].isdigit()),
@@ -134,10 +141,12 @@ def load_latest(root: str | os.PathLike, newer_than: int = 0) -> tuple[DrafterSn
     for path in candidates:
         if int(path.name[1:]) <= newer_than:
             break
+        if path.name in skip:
+            continue
         try:
             return load_snapshot(path), rejected
         except ValueError as err:
-            rejected.append(str(err))
+            rejected[path.name] = str(err)
     return None, rejected
 
 
@@ -148,6 +157,7 @@ class DirectorySource:
     def __init__(self, root: str | os.PathLike, poll_s: float = 0.5) -> None:
         self.root, self.poll_s = Path(root), poll_s
         self.rejected: list[str] = []
+        self._bad: set[str] = set()  # directories already rejected: not re-read every poll
         self._latest: DrafterSnapshot | None = None
         self._polled = float("-inf")
 
@@ -156,8 +166,9 @@ class DirectorySource:
         now = time.monotonic()
         if now - self._polled >= self.poll_s:
             self._polled = now
-            snapshot, rejected = load_latest(self.root, self._latest.version if self._latest else 0)
-            self.rejected += rejected
+            snapshot, rejected = load_latest(self.root, self._latest.version if self._latest else 0, self._bad)
+            self.rejected += rejected.values()
+            self._bad.update(rejected)
             if snapshot is not None:
                 self._latest = snapshot
         return self._latest.version if self._latest else 0

@@ -14,10 +14,13 @@ worker stops, and rollouts go on with the last good drafter.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import traceback
 import warnings
+
+import torch
 
 from ..config import LearnerConfig
 from ..models.decoder import DecoderLM
@@ -25,22 +28,27 @@ from .online import FrozenTarget, OnlineLearner, RoundResult
 
 
 class TriggerPolicy:
-    """Decides, from the acceptance length of each step, when a triggered learner updates."""
+    """Decides, from the acceptance length of each step, when a triggered learner updates.
 
-    def __init__(self, drop: float) -> None:
+    The level is the acceptance length of the first rollout drafted wholly by the newest published
+    version (before any update: by the initial drafter); a rollout that began with an older version
+    neither sets the level nor fires."""
+
+    def __init__(self, drop: float, version: int = 0) -> None:
         self.drop = drop
-        self.level: float | None = None  # acceptance length right after the last update took effect
-        self.awaiting_level = True
+        self.level: float | None = None
+        self.version = version  # the newest published version; the level belongs to it
 
-    def updated(self) -> None:
-        """A new version was published: the next observed acceptance length is the new level."""
-        self.awaiting_level = True
+    def updated(self, version: int) -> None:
+        """``version`` was published: wait for a rollout drafted by it to set the new level."""
+        self.version, self.level = version, None
 
-    def due(self, accept_len: float | None) -> bool:
-        if accept_len is None:  # no speculative step this time (controller kept SD off)
+    def due(self, accept_len: float | None, drafted_by: int | None) -> bool:
+        """``drafted_by``: the drafter version of the whole rollout (None if it changed mid-rollout)."""
+        if accept_len is None or drafted_by != self.version:  # SD stayed off, or an older drafter
             return False
-        if self.awaiting_level:
-            self.level, self.awaiting_level = accept_len, False
+        if self.level is None:
+            self.level = accept_len
             return False
         return accept_len < (1 - self.drop) * self.level
 
@@ -48,7 +56,7 @@ class TriggerPolicy:
 class LearnerWorker:
     def __init__(self, learner: OnlineLearner, config: LearnerConfig) -> None:
         self.learner, self.config = learner, config
-        self.trigger = TriggerPolicy(config.trigger_drop) if config.mode == "triggered" else None
+        self.trigger = TriggerPolicy(config.trigger_drop, learner.version) if config.mode == "triggered" else None
         self.error: str | None = None
         self.rounds: list[RoundResult] = []
         self.wait_s = 0.0  # trainer-thread seconds spent on the learner (copies, sync rounds, joins)
@@ -62,9 +70,11 @@ class LearnerWorker:
             self._thread.start()
 
     # ------------------------------------------------------------------ the trainer's side
-    def after_update(self, actor: DecoderLM, step: int, accept_len: float | None) -> None:
-        """Called once per RL step, after the actor's update (its samples are in the buffer)."""
-        if self.error is not None or not self._due(step, accept_len) or not self.learner.ready():
+    def after_update(self, actor: DecoderLM, step: int, accept_len: float | None,
+                     drafted_by: int | None = None) -> None:
+        """Called once per RL step, after the actor's update (its samples are in the buffer).
+        ``drafted_by``: the drafter version of the whole rollout, None if a swap happened during it."""
+        if self.error is not None or not self._due(step, accept_len, drafted_by) or not self.learner.ready():
             return
         started = time.perf_counter()
         target = self.learner.frozen_target(actor)
@@ -76,9 +86,12 @@ class LearnerWorker:
                 self._cond.notify()
         self.wait_s += time.perf_counter() - started
 
-    def _due(self, step: int, accept_len: float | None) -> bool:
+    def _due(self, step: int, accept_len: float | None, drafted_by: int | None) -> bool:
         if self.trigger is not None:
-            return self.trigger.due(accept_len)
+            with self._cond:
+                if self._busy or self._request is not None:  # a round is already on its way
+                    return False
+            return self.trigger.due(accept_len, drafted_by)
         return (step + 1) % self.config.every == 0
 
     def wait_idle(self, timeout: float | None = None) -> None:
@@ -101,6 +114,11 @@ class LearnerWorker:
 
     # ------------------------------------------------------------------ the worker's side
     def _loop(self) -> None:
+        if self.config.worker_nice and hasattr(os, "setpriority"):  # Linux: per-thread niceness
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.config.worker_nice)
+        # On a GPU the rounds run on their own stream, so their kernels overlap the rollout's.
+        stream = torch.cuda.Stream(self.learner.head.fc.weight.device) \
+            if self.learner.head.fc.weight.is_cuda else None
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._request is not None or self._stop)
@@ -108,7 +126,12 @@ class LearnerWorker:
                     return
                 target, self._request, self._busy = self._request, None, True
             try:
-                self._run_round(target)
+                if stream is None:
+                    self._run_round(target)
+                else:
+                    stream.wait_event(target.ready)
+                    with torch.cuda.stream(stream):
+                        self._run_round(target)
             finally:
                 with self._cond:
                     self._busy = False
@@ -124,9 +147,10 @@ class LearnerWorker:
             warnings.warn(f"online learner failed; rollouts go on with drafter v{self.learner.drafter.version}:\n"
                           f"{self.error}", RuntimeWarning, stacklevel=2)
             return
-        self.rounds.append(result)
-        if self.trigger is not None and result.updates:
-            self.trigger.updated()
+        if result.updates:
+            self.rounds.append(result)
+            if self.trigger is not None:
+                self.trigger.updated(result.version)
 
     # ------------------------------------------------------------------ metrics
     def metrics(self, step: int) -> dict[str, float]:

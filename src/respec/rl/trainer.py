@@ -134,6 +134,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         step_start = time.perf_counter()
         problems = self.next_problems()
+        version_before = self.learner.drafter.version if self.learner is not None else None
         outputs, rollout_s, rollout_stats = self.rollout(problems, self.step)
         t0 = time.perf_counter()
         group = self.config.rollout.group_size
@@ -151,9 +152,11 @@ class Trainer:
                              self.reference, self._capture(rollout))
         update_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        drafter = self.drafter_hook(self, rollout) if self.drafter_hook else {}
+        drafter = dict(self.drafter_hook(self, rollout)) if self.drafter_hook else {}
         if self.learner_worker is not None:
-            self.learner_worker.after_update(self.actor, self.step, rollout_stats.get("sd/accept_len"))
+            version = self.learner.drafter.version
+            self.learner_worker.after_update(self.actor, self.step, rollout_stats.get("sd/accept_len"),
+                                             version if version == version_before else None)
         drafter_s = time.perf_counter() - t0
         self.step += 1
         if self.learner_worker is not None:
