@@ -156,18 +156,18 @@ def format_online_table(result: dict) -> str:
 
 def plot_online(result: dict, path: Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for arm, data in result["arms"].items():
+    for index, (arm, data) in enumerate(result["arms"].items()):
         steps = range(1, len(data["steps"]) + 1)
         for ax, key in zip(axes, ("sd/accept_len", "timing_s/step", "train/reward")):
             values = [row.get(key) for row in data["steps"]]
-            if any(v is not None for v in values):
+            if any(v is not None for v in values):  # one colour per arm in every panel
                 ax.plot(steps, [float("nan") if v is None else v for v in values], marker="o", ms=3,
-                        label=f"{arm}: {data['label']}")
+                        color=f"C{index}", label=f"{arm}: {data['label']}")
     for ax, title in zip(axes, ("acceptance length (tokens / verify step)", "RL step time (s)", "mean reward")):
         ax.set_title(title)
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    axes[2].legend(fontsize=7)  # the reward panel has every arm
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

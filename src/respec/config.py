@@ -132,6 +132,9 @@ class LearnerConfig:
     # CPU: niceness of the async worker thread (0-19). Above 0 it yields the cores to generation and
     # the update and trains in their idle gaps, at the price of rounds that may take longer.
     worker_nice: int = 0
+    # CPU: intra-op threads of the async worker (its own setting; generation keeps its threads).
+    # 0 = the process's default.
+    worker_threads: int = 0
 
     def validate(self, rollout: RolloutConfig) -> None:
         from .learner.losses import DIVERGENCES, REWARD_WEIGHTS
@@ -148,6 +151,7 @@ class LearnerConfig:
         _require(self.grad_clip > 0, "learner.grad_clip", f"must be > 0, got {self.grad_clip}")
         _require(self.weight_clip > 0, "learner.weight_clip", f"must be > 0, got {self.weight_clip}")
         _require(self.logits_top_k >= 0, "learner.logits_top_k", f"must be >= 0, got {self.logits_top_k}")
+        _require(self.worker_threads >= 0, "learner.worker_threads", f"must be >= 0, got {self.worker_threads}")
         _require(0 <= self.worker_nice <= 19, "learner.worker_nice", f"must be in [0, 19], got {self.worker_nice}")
         _require(self.min_buffer_tokens >= 0, "learner.min_buffer_tokens", f"must be >= 0, got {self.min_buffer_tokens}")
         if self.depths is not None:

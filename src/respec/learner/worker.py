@@ -116,6 +116,8 @@ class LearnerWorker:
     def _loop(self) -> None:
         if self.config.worker_nice and hasattr(os, "setpriority"):  # Linux: per-thread niceness
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.config.worker_nice)
+        if self.config.worker_threads:  # per thread: the trainer thread keeps its own count
+            torch.set_num_threads(self.config.worker_threads)
         # On a GPU the rounds run on their own stream, so their kernels overlap the rollout's.
         stream = torch.cuda.Stream(self.learner.head.fc.weight.device) \
             if self.learner.head.fc.weight.is_cuda else None
