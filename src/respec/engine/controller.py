@@ -146,6 +146,9 @@ class StaticController:
     def choose(self, batch: int) -> Arm:
         return self.arm
 
+    def drafter_updated(self, name: str) -> None:
+        pass
+
     def record(self, arm: Arm, batch: int, seconds: float, draft_seconds: float,
                num_accepted: np.ndarray | None, emitted: int, catch_up_seconds: float = 0.0) -> None:
         pass

@@ -275,7 +275,7 @@ class Engine:
             return self._ar_step(active)
         for name, drafter in self.drafters.items():  # newer published weights enter between steps
             if drafter.source is not None and drafter.swap_if_newer():
-                getattr(self.controller, "drafter_updated", lambda _: None)(name)
+                self.controller.drafter_updated(name)
         t0 = time.perf_counter()  # the decision is part of the step's cost
         arm = self.controller.choose(active)
         self.stats.arm_steps[arm.label] = self.stats.arm_steps.get(arm.label, 0) + 1

@@ -125,7 +125,8 @@ def grpo_update(model: DecoderLM, optimizer: torch.optim.Optimizer, scheduler, c
         sums["tokens"] += float(micro.mask.sum())
         diffs.append((logprobs.detach() - micro.old_logprobs)[micro.mask].abs())
     if capture is not None and capture.extra_rows is not None:
-        _capture_skipped(model, config, batch, capture, [i for i in range(len(batch.token_ids)) if i not in set(wanted)])
+        forwarded = set(wanted)
+        _capture_skipped(model, config, batch, capture, [i for i in range(len(batch.token_ids)) if i not in forwarded])
     grad_norm = 0.0
     if wanted:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip))
