@@ -18,14 +18,19 @@ def test_adaptive_bench_on_a_tiny_model(tiny_llama, tmp_path, monkeypatch):
     questions = tmp_path / "questions.jsonl"  # short: the tiny tokenizer spends a token per byte
     questions.write_text("".join(json.dumps({"question": f"{i} + {i}?"}) + "\n" for i in range(8)))
     result = run_adaptive_bench(str(tiny_llama), ["ngram", "self:1"], (1, 3), (1, 2), temperature=0.7,
-                                new_tokens=8, repeats=1, device="cpu", prompts_file=questions, long_tail_rows=6, long_tail_max=20,
-                                trace_dir=tmp_path)
+                                new_tokens=8, repeats=2, device="cpu", prompts_file=questions, long_tail_rows=6,
+                                long_tail_max=20, trace_dir=tmp_path)
     write_json(result, tmp_path / "adaptive.json")
     rows = json.loads((tmp_path / "adaptive.json").read_text())["rows"]
     configs = {r["config"] for r in rows}
     assert configs == {"off", "ngram:1", "ngram:2", "self:1:1", "self:1:2", "adaptive"}
     assert {(r["workload"], r["batch_size"]) for r in rows} == {("fixed", 1), ("fixed", 3), ("long-tail", 6)}
     adaptive = [r for r in rows if r["system"] == "adaptive"]
-    assert all(r["vs_best_other"] > 0 and sum(r["arms"].values()) > 0 for r in adaptive)
+    assert all(r["vs_best_other"] > 0 and r["vs_best_paired"] > 0 and sum(r["arms"].values()) > 0 for r in adaptive)
+    assert all(len(r["runs_tokens_per_s"]) == 2 for r in rows)
     assert result["long_tail_trace"] and (tmp_path / "adaptive_trace.png").stat().st_size > 0
     assert "controller: median" in format_adaptive_table(result)
+
+    fixed_only = run_adaptive_bench(str(tiny_llama), ["ngram"], (2,), (1,), temperature=0.7, new_tokens=4, repeats=1,
+                                    device="cpu", prompts_file=questions, long_tail_rows=0)
+    assert {r["workload"] for r in fixed_only["rows"]} == {"fixed"} and not fixed_only["long_tail_trace"]

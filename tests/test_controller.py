@@ -79,10 +79,22 @@ def test_cost_model_interpolates_and_learns_corrections():
         cost.record_target(4, 1, 0.028)
     assert cost.target_time(4, 1) == pytest.approx(0.028, rel=1e-3)
     assert cost.target_time(4, 2) == pytest.approx(0.018)  # other entries keep their own correction
+    assert cost.target_time(8, 1) == pytest.approx(0.018 * 2, rel=1e-3)  # borrowed from the nearest measured
     assert cost.draft_time("eagle", 4, 3) == 0.0  # never measured: optimistic
     cost.record_draft("eagle", 4, 3, 0.006)
     assert cost.draft_time("eagle", 4, 3) == pytest.approx(0.006)
     assert cost.draft_time("eagle", 64, 1) == pytest.approx(0.002)  # nearest measured bucket
+
+
+def test_first_measurements_are_averaged_with_the_prior_then_weighted_exponentially():
+    cost = linear_cost()
+    cost.record_target(2, 3, 0.032)  # profiled 0.016: ratio 2, averaged with the prior ratio 1
+    assert cost.target_time(2, 3) == pytest.approx(0.016 * 1.5)
+    cost.record_target(2, 3, 0.016)
+    assert cost.target_time(2, 3) == pytest.approx(0.016 * 4 / 3)  # the mean of 1, 2 and 1
+    for _ in range(60):
+        cost.record_target(2, 3, 0.016)
+    assert cost.target_time(2, 3) == pytest.approx(0.016, rel=1e-3)  # then exponentially weighted
 
 
 def test_profile_is_cached_on_disk(tiny_llama, tmp_path):

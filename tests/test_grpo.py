@@ -140,6 +140,25 @@ def test_bad_config_names_the_field(override, field):
         load_config(None, ["rollout.group_size=4", override])
 
 
+@pytest.mark.parametrize("overrides, field", [
+    (["task.switch_at=3"], "task.switch_at"),
+    (["task.switch_to.name=arithmetic"], "task.switch_at"),
+    (["task.switch_at=3", "task.switch_to.name=chess"], "task.switch_to.name"),
+    (["task.switch_at=3", "task.switch_to.num_eval=0"], "task.switch_to.num_eval"),
+    (["task.switch_at=3", "task.switch_to.switch_at=5", "task.switch_to.switch_to.name=arithmetic"],
+     "task.switch_to.switch_to"),
+])
+def test_bad_task_switch_names_the_field(overrides, field):
+    with pytest.raises(ValueError, match=rf"^{field.replace('.', '[.]')}: "):
+        load_config(None, overrides)
+
+
+def test_task_switch_stages():
+    config = load_config(None, ["task.levels=[1]", "task.switch_at=3", "task.switch_to.levels=[3]"])
+    stages = [config.task.stage(step).levels for step in (1, 2, 3, 9)]
+    assert stages == [[1], [1], [3], [3]]
+
+
 def test_config_file_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("steps: 5\nrollout:\n  speculative: off\n  temperature: 0.7\noptim:\n  lr: 1e-5\n")

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import requires_smollm2
 from transformers import AutoModelForCausalLM
 
 from respec import LLM, SamplingParams
-
-from conftest import requires_smollm2
 
 pytestmark = [pytest.mark.smollm2, requires_smollm2]
 

@@ -535,6 +535,7 @@ def test_stop_string_ends_at_first_completing_token(target, ar, vocab, position)
     assert llm.stats.spec.verify_steps == 1  # one all-accepted block holds tokens 1-5
     assert got.token_ids == expected.token_ids
     assert got.finish_reason == "stop" and got.text == expected.text and stop not in got.text
+    assert llm.stats.generated_tokens == len(got.token_ids)  # the block's tokens past the hit are not counted
 
 
 @pytest.mark.parametrize("ending", ["budget", "stop_token"])

@@ -115,6 +115,23 @@ def test_resume_is_exact(tiny_llama, tmp_path, speculative):
     assert [m["step"] for m in metrics] == [1, 2, 3]
 
 
+def test_task_switch_changes_the_problems_and_resumes_exactly(tiny_llama, tmp_path):
+    options = ("steps=3", "task.switch_at=2", "task.switch_to.levels=[3]", "task.switch_to.num_train=16")
+    straight = make_trainer(tiny_llama, tmp_path / "straight", *options)
+    straight.train(progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["task/stage"] for r in rows if "task/stage" in r] == [0.0, 1.0, 1.0]
+    assert "bags" in straight.eval_set[0].question and len(straight.train_set) == 16  # level 3, the new task
+
+    first = make_trainer(tiny_llama, tmp_path / "split", *options, "steps=2")
+    first.train(progress=False)
+    resumed = make_trainer(tiny_llama, tmp_path / "split", *options, resume=True)
+    assert (resumed.task, resumed.position) == (straight.config.task.switch_to, first.position)
+    resumed.train(progress=False)
+    for name, p in straight.actor.named_parameters():
+        assert torch.equal(p, dict(resumed.actor.named_parameters())[name]), name
+
+
 def test_incomplete_checkpoints_are_ignored_and_keep_last_prunes_after_saving(tiny_llama, tmp_path):
     trainer = make_trainer(tiny_llama, tmp_path, "steps=3", "checkpoint_every=1", "keep_last=2")
     trainer.train(progress=False)

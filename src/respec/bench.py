@@ -124,6 +124,17 @@ def _sync(llm: LLM) -> None:
         torch.cuda.synchronize()
 
 
+def timed_fresh_generate(llm: LLM, prompts: list[list[int]], params) -> tuple[list, float]:
+    """Generate with every drafter's history cleared first (no run may draft from an earlier run's
+    answers); returns the outputs and the wall time, device work included."""
+    for drafter in llm.drafters.values():
+        drafter.reset()
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, progress=False)
+    _sync(llm)
+    return outputs, time.perf_counter() - start
+
+
 def run_bench(model: str = "smollm2-135m", batch_sizes: tuple[int, ...] = (1, 8, 32), new_tokens: int = 128,
               repeats: int = 3, device: str | None = None, dtype: str | None = None,
               prompts_file: Path | None = None, with_transformers: bool = True) -> dict:
@@ -162,9 +173,14 @@ def run_bench(model: str = "smollm2-135m", batch_sizes: tuple[int, ...] = (1, 8,
     }
 
 
+def run_header(result: dict, extra: str = "") -> str:
+    """The first line of every bench table: what ran where."""
+    line = f"model={result['model']} device={result['device']} dtype={result['dtype']} threads={result['threads']}"
+    return f"{line} {extra}" if extra else line
+
+
 def format_table(result: dict) -> str:
-    lines = [f"model={result['model']} device={result['device']} dtype={result['dtype']} "
-             f"threads={result['threads']}"]
+    lines = [run_header(result)]
     if result["read_bandwidth_gb_s"]:
         lines.append(f"read bandwidth {result['read_bandwidth_gb_s']:.1f} GB/s; weights read per step "
                      f"{result['weight_bytes_per_step'] / 1e6:.0f} MB; "

@@ -5,7 +5,8 @@ Two workloads, every system on the same prompts and seeds in one run:
 * fixed batch: ``batch`` rows that all decode exactly ``new_tokens`` tokens (EOS ignored), so the active
   batch stays put; systems alternate within each repeat and medians are reported;
 * long tail: 64 rows whose budgets follow a Pareto distribution (most rollouts are short, a few are
-  very long), so the active batch decays as in an RL rollout; total time per system.
+  very long), so the active batch decays as in an RL rollout; total time per system, median over the
+  repeats (interleaved as above).
 
 The adaptive controller is one object for the whole run (as in a long-lived server): it learns costs and
 acceptance across workloads. Its decision trace on the long-tail run is written out and plotted.
@@ -15,14 +16,13 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .bench import load_questions
+from .bench import load_questions, run_header, timed_fresh_generate
 from .engine.controller import ControllerConfig, summarize_trace
 from .engine.drafters import make_drafters
 from .engine.llm import LLM
@@ -40,6 +40,10 @@ class AdaptiveRow:
     tokens_per_s: float
     accept_len: float | None = None
     vs_best_other: float | None = None  # adaptive: tokens/s over the best of AR and every static config
+    # adaptive: the same ratio within each repeat (systems interleaved, so slow drifts of a shared
+    # machine cancel), median over the repeats
+    vs_best_paired: float | None = None
+    runs_tokens_per_s: list[float] = field(default_factory=list)
     arms: dict[str, int] = field(default_factory=dict)  # adaptive: decode steps per arm
 
 
@@ -53,13 +57,7 @@ def _measure(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -
     stats = llm.stats
     before = (stats.spec.verify_steps, stats.spec.emitted, stats.decode_steps, stats.decode_s, len(stats.trace),
               dict(stats.arm_steps))
-    for drafter in llm.drafters.values():  # no run may draft from an earlier run's answers
-        drafter.reset()
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params, progress=False)
-    if llm.model.device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    outputs, seconds = timed_fresh_generate(llm, prompts, params)
     steps = stats.spec.verify_steps - before[0]
     trace = stats.trace[before[4]:]
     off_steps = [r.measured_s for r in trace if r.arm == "off"]
@@ -90,15 +88,16 @@ def _rows(workload: str, batch: int, results: dict[str, list[dict]]) -> list[Ada
         tokens = int(statistics.median(r["tokens"] for r in runs))
         taus = [r["accept_len"] for r in runs if r["accept_len"] is not None]
         system = "ar" if name == "off" else "adaptive" if name == "adaptive" else "static"
-        rows.append(AdaptiveRow(workload, batch, system, name, seconds, tokens,
-                                statistics.median(r["tokens"] / r["seconds"] for r in runs),
-                                statistics.median(taus) if taus else None, arms=runs[-1]["arms"]))
-    best_other = max(r.tokens_per_s for r in rows if r.system != "adaptive")
+        per_run = [r["tokens"] / r["seconds"] for r in runs]
+        rows.append(AdaptiveRow(workload, batch, system, name, seconds, tokens, statistics.median(per_run),
+                                statistics.median(taus) if taus else None, runs_tokens_per_s=per_run,
+                                arms=runs[-1]["arms"] if name == "adaptive" else {}))
+    others = [r for r in rows if r.system != "adaptive"]
     for row in rows:
         if row.system == "adaptive":
-            row.vs_best_other = row.tokens_per_s / best_other
-        else:
-            row.arms = {}
+            row.vs_best_other = row.tokens_per_s / max(r.tokens_per_s for r in others)
+            row.vs_best_paired = statistics.median(
+                mine / max(r.runs_tokens_per_s[i] for r in others) for i, mine in enumerate(row.runs_tokens_per_s))
     return rows
 
 
@@ -106,13 +105,35 @@ def run_adaptive_bench(model: str, drafters: list[str], batch_sizes: tuple[int, 
                        temperature: float, new_tokens: int, repeats: int, device: str | None = None,
                        dtype: str | None = None, prompts_file: Path | None = None, seed: int = 0,
                        long_tail_rows: int = 64, long_tail_max: int = 256, trace_dir: Path | None = None) -> dict:
+    """``long_tail_rows=0`` skips the long-tail workload."""
     rows_needed = max(*batch_sizes, long_tail_rows)
     base = LLM(model, device=device, dtype=dtype, max_num_seqs=rows_needed)
     systems = _systems(base, drafters, ks, rows_needed, seed)
     prompts = [base.encode(q, chat=True) for q in load_questions(rows_needed, prompts_file)]
-    rows: list[AdaptiveRow] = []
-    paired = []
     print(HEADER, flush=True)
+    rows, paired, trace = _fixed_workload(systems, prompts, batch_sizes, temperature, new_tokens, repeats, seed)
+    budgets = long_tail_budgets(long_tail_rows, 16, long_tail_max, 1.2, seed) if long_tail_rows else []
+    if budgets:
+        tail_rows, trace = _long_tail_workload(systems, prompts, budgets, temperature, repeats, seed)
+        rows += tail_rows
+    summary = summarize_trace(trace, warmup=10)
+    result = {"model": model, "device": str(base.model.device), "dtype": str(base.model.dtype),
+              "threads": torch.get_num_threads(), "temperature": temperature, "ks": list(ks),
+              "drafters": drafters, "new_tokens": new_tokens, "long_tail_budgets": budgets,
+              "prediction_median_relative_error": summary.median_relative_error,
+              "off_vs_ar_step": paired, "rows": [asdict(r) for r in rows],
+              "long_tail_trace": [asdict(r) for r in trace] if budgets else []}
+    if trace_dir is not None and budgets:
+        plot_trace(result["long_tail_trace"], Path(trace_dir) / "adaptive_trace.png")
+    return result
+
+
+def _fixed_workload(systems: dict[str, LLM], prompts: list[list[int]], batch_sizes: tuple[int, ...],
+                    temperature: float, new_tokens: int, repeats: int, seed: int):
+    """Every system at each fixed batch size; returns the rows, the paired SD-off vs AR step times and
+    the adaptive controller's trace of the last run."""
+    rows: list[AdaptiveRow] = []
+    paired, trace = [], []
     for batch in batch_sizes:
         params = [SamplingParams(temperature=temperature, max_new_tokens=new_tokens, ignore_eos=True, seed=seed + i)
                   for i in range(batch)]
@@ -129,24 +150,24 @@ def run_adaptive_bench(model: str, drafters: list[str], batch_sizes: tuple[int, 
         for row in _rows("fixed", batch, results):
             rows.append(row)
             print(format_row(asdict(row)), flush=True)
-    budgets = long_tail_budgets(long_tail_rows, 16, long_tail_max, 1.2, seed)
+        trace = results["adaptive"][-1]["trace"]
+    return rows, paired, trace
+
+
+def _long_tail_workload(systems: dict[str, LLM], prompts: list[list[int]], budgets: list[int],
+                        temperature: float, repeats: int, seed: int):
+    """All rows at once with heavy-tailed budgets, so the active batch decays; returns the rows and the
+    adaptive controller's trace of its last run."""
     params = [SamplingParams(temperature=temperature, max_new_tokens=b, ignore_eos=True, seed=seed + i)
               for i, b in enumerate(budgets)]
-    tail = {name: [_measure(llm, prompts[:long_tail_rows], params)] for name, llm in systems.items()}
-    for row in _rows("long-tail", long_tail_rows, tail):
-        rows.append(row)
+    tail: dict[str, list[dict]] = {name: [] for name in systems}
+    for _ in range(repeats):  # interleaved like the fixed batches; medians are reported
+        for name, llm in systems.items():
+            tail[name].append(_measure(llm, prompts[:len(budgets)], params))
+    rows = _rows("long-tail", len(budgets), tail)
+    for row in rows:
         print(format_row(asdict(row)), flush=True)
-    trace = tail["adaptive"][0]["trace"]
-    summary = summarize_trace(trace, warmup=10)
-    result = {"model": model, "device": str(base.model.device), "dtype": str(base.model.dtype),
-              "threads": torch.get_num_threads(), "temperature": temperature, "ks": list(ks),
-              "drafters": drafters, "new_tokens": new_tokens, "long_tail_budgets": budgets,
-              "prediction_median_relative_error": summary.median_relative_error,
-              "off_vs_ar_step": paired, "rows": [asdict(r) for r in rows],
-              "long_tail_trace": [asdict(r) for r in trace]}
-    if trace_dir is not None:
-        plot_trace(result["long_tail_trace"], Path(trace_dir) / "adaptive_trace.png")
-    return result
+    return rows, tail["adaptive"][-1]["trace"]
 
 
 def plot_trace(trace: list[dict], path: Path) -> Path:
@@ -173,19 +194,20 @@ def plot_trace(trace: list[dict], path: Path) -> Path:
 
 
 HEADER = f"{'workload':<10}{'batch':>6}  {'system':<9}{'config':<22}{'tokens':>8}{'seconds':>9}{'tok/s':>9}" \
-         f"{'tau':>6}{'vs best':>9}"
+         f"{'tau':>6}  vs best (paired)"
 
 
 def format_row(r: dict) -> str:
     tau = f"{r['accept_len']:.2f}" if r["accept_len"] is not None else "-"
     best = f"{r['vs_best_other']:.2f}x" if r["vs_best_other"] is not None else ""
+    if r.get("vs_best_paired") is not None:
+        best += f" ({r['vs_best_paired']:.2f}x paired)"
     return (f"{r['workload']:<10}{r['batch_size']:>6}  {r['system']:<9}{r['config'][-21:]:<22}"
-            f"{r['generated_tokens']:>8}{r['seconds']:>9.2f}{r['tokens_per_s']:>9.1f}{tau:>6}{best:>9}")
+            f"{r['generated_tokens']:>8}{r['seconds']:>9.2f}{r['tokens_per_s']:>9.1f}{tau:>6}  {best}")
 
 
 def format_adaptive_table(result: dict) -> str:
-    lines = [f"model={result['model']} device={result['device']} dtype={result['dtype']} "
-             f"threads={result['threads']} T={result['temperature']} k in {result['ks']}", HEADER]
+    lines = [run_header(result, f"T={result['temperature']} k in {result['ks']}"), HEADER]
     lines += [format_row(r) for r in result["rows"]]
     lines.append(f"controller: median |predicted - measured| / measured after warm-up = "
                  f"{result['prediction_median_relative_error']:.1%}")

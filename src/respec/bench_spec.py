@@ -9,13 +9,12 @@ acceptance length (tokens emitted per row per verify step) measured in those sam
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from .bench import load_questions
+from .bench import load_questions, run_header, timed_fresh_generate
 from .engine.llm import LLM
 from .engine.params import SamplingParams
 
@@ -39,13 +38,7 @@ class SpecRow:
 def _arm(llm: LLM, prompts: list[list[int]], params: SamplingParams):
     def run() -> tuple[float, int, float, float]:
         before = llm.stats.spec.verify_steps, llm.stats.spec.emitted, llm.stats.spec.drafted, llm.stats.spec.accepted
-        for drafter in llm.drafters.values():  # no run may draft from an earlier run's answers
-            drafter.reset()
-        start = time.perf_counter()
-        outputs = llm.generate(prompts, params, progress=False)
-        if llm.model.device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
+        outputs, seconds = timed_fresh_generate(llm, prompts, params)
         tokens = sum(len(s.token_ids) for o in outputs for s in o.samples)
         spec = llm.stats.spec
         steps, emitted = spec.verify_steps - before[0], spec.emitted - before[1]
@@ -108,7 +101,6 @@ def format_row(r: dict) -> str:
 
 
 def format_spec_table(result: dict) -> str:
-    lines = [f"model={result['model']} device={result['device']} dtype={result['dtype']} "
-             f"threads={result['threads']} k={result['k']}", HEADER]
+    lines = [run_header(result, f"k={result['k']}"), HEADER]
     lines += [format_row(r) for r in result["rows"]]
     return "\n".join(lines)

@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--adaptive", action="store_true",
                        help="adaptive controller vs AR and every static (drafter, k), fixed batches and a long tail")
     bench.add_argument("--ks", type=_int_list, default=(1, 2, 3, 4), help="k values for --adaptive")
-    bench.add_argument("--long-tail-rows", type=int, default=64)
+    bench.add_argument("--long-tail-rows", type=int, default=64, help="rows of the long-tail workload (0: skip it)")
     bench.add_argument("--long-tail-max", type=int, default=256, help="longest budget of the long-tail workload")
     bench.add_argument("--online", action="store_true",
                        help="the same GRPO run without SD, with a frozen drafter and with the online learner")

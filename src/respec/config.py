@@ -25,11 +25,26 @@ class TaskConfig:
     levels: list[int] = field(default_factory=lambda: [1, 2, 3])
     num_train: int = 2000
     num_eval: int = 200
+    # A task switch half-way (a distribution shift for the actor and its drafter): from step
+    # ``switch_at`` on (1-based, as logged) problems and evaluation come from ``switch_to``.
+    switch_at: int = 0  # 0: never
+    switch_to: TaskConfig | None = None
 
-    def validate(self) -> None:
-        _require(self.name in ("arithmetic", "gsm8k"), "task.name", f"must be 'arithmetic' or 'gsm8k', got {self.name!r}")
-        _require(self.num_train >= 1, "task.num_train", f"must be >= 1, got {self.num_train}")
-        _require(self.num_eval >= 1, "task.num_eval", f"must be >= 1, got {self.num_eval}")
+    def validate(self, prefix: str = "task") -> None:
+        _require(self.name in ("arithmetic", "gsm8k"), f"{prefix}.name",
+                 f"must be 'arithmetic' or 'gsm8k', got {self.name!r}")
+        _require(self.num_train >= 1, f"{prefix}.num_train", f"must be >= 1, got {self.num_train}")
+        _require(self.num_eval >= 1, f"{prefix}.num_eval", f"must be >= 1, got {self.num_eval}")
+        _require(self.switch_at >= 0, f"{prefix}.switch_at", f"must be >= 0, got {self.switch_at}")
+        _require((self.switch_at > 0) == (self.switch_to is not None), f"{prefix}.switch_at",
+                 "switch_at and switch_to go together: give both (a step >= 1 and a task) or neither")
+        if self.switch_to is not None:
+            _require(self.switch_to.switch_to is None, f"{prefix}.switch_to.switch_to", "one switch per run")
+            self.switch_to.validate(f"{prefix}.switch_to")
+
+    def stage(self, step: int) -> TaskConfig:
+        """The task that trains logged step ``step`` (1-based)."""
+        return self.switch_to if self.switch_to is not None and step >= self.switch_at else self
 
 
 @dataclass
@@ -251,6 +266,8 @@ def from_dict(data: dict[str, Any], cls: type = TrainConfig, prefix: str = "") -
 
 
 def _coerce(value: Any, hint: Any, name: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return from_dict(value or {}, hint, f"{name}.")
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in typing.get_args(hint):

@@ -3,8 +3,11 @@
 The target's time for a forward over ``tokens`` new positions in each of ``batch`` rows is profiled
 once on a grid (batch 1, 2, 4, ... x tokens 1 .. K+1) and cached on disk per model, device, dtype and
 thread count. Each step's measured time then corrects the grid entry it fell on (an exponentially
-weighted ratio measured / profiled), which also absorbs what the profile leaves out (sampling,
-verification, book-keeping). A drafter's time per draft step is learned online only, per batch bucket.
+weighted ratio measured / profiled; at first a mean with the prior), which also absorbs
+what the profile leaves out (sampling, verification, book-keeping). An entry not measured yet borrows
+the correction of the nearest measured batch size with the same tokens per row: that overhead changes
+slowly with the batch, so a decaying batch (a rollout's long tail) does not pay to learn it again at
+every size. A drafter's time per draft step is learned online only, per batch bucket.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class CostModel:
         self.batches = np.asarray(batches, dtype=np.float64)
         self.table = np.asarray(table, dtype=np.float64)  # [batches, tokens 1..T]
         self.correction = np.ones_like(self.table)
+        self.observed = np.zeros(self.table.shape, dtype=np.int64)  # measurements per entry
         self.decay = decay
         self.draft_step: dict[str, np.ndarray] = {}  # drafter -> seconds per draft step per bucket (nan = unknown)
         self.catch_up_scale: dict[str, float] = {}  # drafter -> measured / modelled catch-up time (EW)
@@ -66,10 +70,17 @@ class CostModel:
             value += per_token * (tokens - self.max_tokens)
         return value
 
+    def _correction(self, bucket: int, column: int) -> float:
+        if self.observed[bucket, column]:
+            return float(self.correction[bucket, column])
+        measured = np.flatnonzero(self.observed[:, column])
+        if measured.size == 0:
+            return 1.0
+        return float(self.correction[measured[np.abs(measured - bucket).argmin()], column])
+
     def target_time(self, batch: int, tokens: int) -> float:
         """A step of the target over ``tokens`` positions per row (AR: 1, verify: k + 1), all included."""
-        correction = self.correction[self.bucket(batch), min(tokens, self.max_tokens) - 1]
-        return self._profiled(batch, tokens) * correction
+        return self._profiled(batch, tokens) * self._correction(self.bucket(batch), min(tokens, self.max_tokens) - 1)
 
     def draft_time(self, drafter: str, batch: int, k: int) -> float:
         """``k`` draft steps; a drafter never measured at any batch size costs 0 (optimism: try it)."""
@@ -106,7 +117,11 @@ class CostModel:
         if profiled <= 0 or seconds <= 0:
             return
         at = self.bucket(batch), min(tokens, self.max_tokens) - 1
-        self.correction[at] = self.decay * self.correction[at] + (1 - self.decay) * seconds / profiled
+        # A mean with one pseudo-measurement of the prior (the borrowed correction, or 1) until the
+        # exponentially weighted average takes over: one noisy step cannot condemn an arm.
+        weight = max(1 - self.decay, 1 / (self.observed[at] + 2))
+        self.correction[at] = (1 - weight) * self._correction(*at) + weight * seconds / profiled
+        self.observed[at] += 1
 
     def record_draft(self, drafter: str, batch: int, k: int, seconds: float) -> None:
         known = self.draft_step.setdefault(drafter, np.full(len(self.batches), np.nan))

@@ -8,6 +8,7 @@ then loops, over the finished rows, to hand results back and refill their slots 
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -306,11 +307,12 @@ class Engine:
                                   self.stats.spec, catch_up=arm.drafter not in self._synced,
                                   time_drafter=self.controller.times_drafter)
         self._synced = {arm.drafter}
+        finished = list(result.finished)
+        finished += self._stop_string_hits(0, active, finished, before)
+        # Counted after the stop strings: a row they end mid-block keeps only the tokens up to the hit.
         emitted = int(self.slots.host_generated[:active].sum() - before.sum())
         self.stats.decode_steps += 1
         self.stats.generated_tokens += emitted
-        finished = list(result.finished)
-        finished += self._stop_string_hits(0, active, finished, before)
         seconds = time.perf_counter() - t0
         self.stats.decode_s += seconds
         self.controller.record(arm, active, seconds, result.draft_seconds, result.num_accepted, emitted,
@@ -372,7 +374,7 @@ class Engine:
         seq = self.slots.collect(slot)
         for each in self.drafters.values():
             each.finish(seq)
-        if any(lp != lp for lp in seq.logprobs[-self.draft_tokens - 1:]):  # NaN
+        if any(math.isnan(lp) for lp in seq.logprobs[-self.draft_tokens - 1:]):
             raise ValueError(
                 f"logits: NaN or inf in the model's output for prompts[{seq.request_index}] "
                 f"(sample {seq.sample_index}) at generated token {len(seq.token_ids) - 1}")

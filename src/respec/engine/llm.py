@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -20,7 +20,7 @@ from .params import SamplingParams
 from .slots import Sequence
 from .speculative import SpeculativeConfig
 
-Prompt = Union[str, list[int], list[dict[str, str]]]
+Prompt = str | list[int] | list[dict[str, str]]
 
 
 @dataclass

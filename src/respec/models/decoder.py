@@ -240,7 +240,7 @@ class DecoderLM(nn.Module):
 
     def _cache_context(self, positions: torch.Tensor, cache: LayerCache, rows: slice,
                        kv_len: int | None) -> ForwardContext:
-        batch, steps = positions.shape
+        batch = positions.shape[0]
         if kv_len is None:
             kv_len = int(positions.max()) + 1
         cos, sin = self._rope(positions)

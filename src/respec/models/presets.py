@@ -44,7 +44,7 @@ def preset_gguf_path(name: str) -> Path:
     spec = importlib.util.find_spec(preset.package)
     if spec is None or not spec.submodule_search_locations:
         raise ValueError(f"model: preset {name!r} needs the package {preset.package!r}: {preset.install_hint}")
-    gguf = Path(list(spec.submodule_search_locations)[0]) / preset.filename
+    gguf = Path(next(iter(spec.submodule_search_locations))) / preset.filename
     if not gguf.is_file():
         raise ValueError(f"model: preset {name!r}: {gguf} not found; reinstall with {preset.install_hint}")
     return gguf

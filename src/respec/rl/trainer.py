@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..config import TrainConfig, save_config
+from ..config import TaskConfig, TrainConfig, save_config
 from ..engine.controller import ControllerConfig
 from ..engine.llm import LLM
 from ..engine.params import SamplingParams
@@ -69,8 +69,8 @@ class Trainer:
         self.llm = llm or make_llm(config)
         self.actor = self.llm.model
         self.actor.requires_grad_(True)
-        self.train_set, self.eval_set = load_task(config.task.name, config.task.num_train, config.task.num_eval,
-                                                  config.seed, config.task.path, tuple(config.task.levels))
+        self.task = config.task.stage(0)
+        self.train_set, self.eval_set = _load(self.task, config.seed)
         self.reward_fn = reward_fn or combine(config.reward.weights)
         o = config.optim
         self.optimizer = torch.optim.AdamW(self.actor.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
@@ -98,7 +98,17 @@ class Trainer:
     def _order(self, epoch: int) -> np.ndarray:
         return np.random.RandomState(self.config.seed + epoch).permutation(len(self.train_set))
 
+    def _enter_stage(self, step: int) -> None:
+        """Switch to the task that trains logged step ``step`` (see ``TaskConfig.switch_at``)."""
+        task = self.config.task.stage(step)
+        if task is not self.task:
+            self.task = task
+            self.train_set, self.eval_set = _load(task, self.config.seed)
+            self.epoch, self.position = 0, 0
+            self.order = self._order(0)
+
     def next_problems(self) -> list[Problem]:
+        self._enter_stage(self.step + 1)
         chosen = []
         for _ in range(self.config.rollout.prompts_per_step):
             if self.position == len(self.order):
@@ -171,6 +181,8 @@ class Trainer:
             "timing_s/rollout": rollout_s, "timing_s/reward": reward_s, "timing_s/update": update_s,
             "timing_s/drafter": drafter_s,
         }
+        if self.config.task.switch_to is not None:
+            metrics["task/stage"] = float(self.task is self.config.task.switch_to)
         metrics.update(self._compare_ar(problems, rollout_s))
         metrics.update(self._ledger(metrics))
         metrics["timing_s/step"] = time.perf_counter() - step_start
@@ -272,6 +284,7 @@ class Trainer:
             raise ValueError(f"resume: no complete checkpoint under {self.run_dir / 'checkpoints'}")
         load_weights(self.actor, path / "actor")
         state = load_trainer_state(path)
+        self._enter_stage(state["step"])  # the task of the last step taken: epoch and position are its
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.order = self._order(self.epoch)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -285,6 +298,10 @@ class Trainer:
         if self.learner is not None and state.get("learner") is not None:
             self.learner.load_state_dict(state["learner"])
         self.ledger = state.get("ledger", self.ledger)
+
+
+def _load(task: TaskConfig, seed: int) -> tuple[list[Problem], list[Problem]]:
+    return load_task(task.name, task.num_train, task.num_eval, seed, task.path, tuple(task.levels))
 
 
 def _update_batch(rollout: Rollout) -> UpdateBatch:
