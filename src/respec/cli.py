@@ -1,4 +1,4 @@
-"""The ``respec`` command line: generate, bench, drafter train, demo."""
+"""The ``respec`` command line: generate, bench, drafter train, audit, train, report, demo."""
 
 from __future__ import annotations
 
@@ -18,6 +18,13 @@ def _int_list(text: str) -> tuple[int, ...]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from err
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -103,13 +110,6 @@ def _online_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _float_list(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(",") if v)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from err
-
-
 def cmd_audit(args: argparse.Namespace) -> int:
     from .audit import format_audit, run_audit
     from .bench import load_questions
@@ -168,7 +168,12 @@ def cmd_drafter_train(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="respec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_generate, _add_bench, _add_drafter, _add_audit, _add_train, _add_report, _add_demo):
+        add(sub)
+    return parser
 
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
     gen = sub.add_parser("generate", help="generate completions for prompts")
     _add_model_args(gen)
     gen.add_argument("prompts", nargs="+")
@@ -182,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-progress", action="store_true")
     gen.set_defaults(func=cmd_generate)
 
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="throughput of our engine vs transformers generate")
     _add_model_args(bench)
     bench.add_argument("--batch-sizes", type=_int_list, default=None,
@@ -209,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="config override for every --online arm (repeatable)")
     bench.set_defaults(func=cmd_bench)
 
+
+def _add_drafter(sub: argparse._SubParsersAction) -> None:
     drafter = sub.add_parser("drafter", help="drafter tools")
     drafter_sub = drafter.add_subparsers(dest="drafter_command", required=True)
     train = drafter_sub.add_parser("train", help="train an EAGLE head offline on the target's own answers")
@@ -227,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(func=cmd_drafter_train)
 
+
+def _add_audit(sub: argparse._SubParsersAction) -> None:
     audit = sub.add_parser("audit", help="check speculative rollouts are exact for a model, drafter and settings")
     _add_model_args(audit)
     audit.add_argument("--drafter", required=True, help="EAGLE head directory, 'ngram', 'self:N' or a model")
@@ -242,21 +253,26 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also run with an always-accept verifier, which must fail")
     audit.set_defaults(func=cmd_audit)
 
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train", help="GRPO training with speculative rollouts")
     train.add_argument("--config", default=None, help="YAML config (see configs/)")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.temperature=0.6 steps=40")
     train.add_argument("--resume", action="store_true", help="continue from the run's newest complete checkpoint")
     train.set_defaults(func=cmd_train)
 
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
     report = sub.add_parser("report", help="plots and a summary of a training run")
     report.add_argument("run_dir")
     report.set_defaults(func=cmd_report)
 
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo", help="the `make demo` job: a short GRPO run with speculative rollouts")
     _add_model_args(demo)
     demo.add_argument("overrides", nargs="*", help="dotted overrides of the demo config, e.g. steps=4")
     demo.set_defaults(func=cmd_demo)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
