@@ -9,7 +9,7 @@ from respec import LLM, SamplingParams
 from respec.engine import speculative as speculative_module
 from respec.engine.drafters import EagleDrafter
 from respec.engine.drafters.base import DraftSampler
-from respec.learner.distill import DistillBatch, ttt_forward
+from respec.learner.distill import DistillBatch, ttt_forward, ttt_unroll
 from respec.models.eagle import EagleConfig, EagleHead
 
 
@@ -69,10 +69,23 @@ def reference_first_draft_logits(head: EagleHead, target, committed: list[int]) 
     return head.logits(head.attend(q, k, v, causal, hidden)[0, -1], target)
 
 
+def unrolled_draft_logits(head: EagleHead, target, committed: list[int], drafted: list[int]) -> torch.Tensor:
+    """The head's logits for draft step ``len(drafted)`` from the TTT unroll the learner trains."""
+    ids = torch.tensor([committed[:-1]])
+    out = target(ids, capture_layers=head.config.fuse_layers)
+    features = torch.cat([out.captured[i] for i in head.config.fuse_layers], dim=-1)
+    # Features past the last committed token are unknown at inference and must not matter: zeros.
+    features = torch.nn.functional.pad(features, (0, 0, 0, len(drafted) + 1))
+    depth = len(drafted)
+    outputs = ttt_unroll(head, target, features, torch.tensor([committed + drafted]), depth + 1)
+    return head.logits(outputs[depth][0, -1], target)
+
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_engine_drafts_match_a_from_scratch_head(target_llm, k, monkeypatch):
-    """After prefill, partial and full acceptance, the head's cached catch-up gives the same first
-    draft as recomputing everything from the committed tokens (vLLM #9730 is this bug class)."""
+    """After prefill, partial and full acceptance, every draft step's logits equal recomputing them
+    from the committed and drafted tokens: step 0 from scratch (vLLM #9730 is this bug class), every
+    step by the TTT unroll the learner trains, so training and inference agree."""
     model = target_llm.model
     head = random_head(model)
     llm = LLM(model, tokenizer=target_llm.tokenizer, drafter=EagleDrafter(head, model), speculative=k,
@@ -80,23 +93,31 @@ def test_engine_drafts_match_a_from_scratch_head(target_llm, k, monkeypatch):
     checked = []
 
     class CheckingSampler(DraftSampler):
+        drafted: list[torch.Tensor]
+
         def __call__(self, step, logits):
-            if step == 0:
-                slots = llm.engine.slots
-                for row in range(slots.active):
-                    seq = slots.sequences[row]
-                    done = int(slots.host_generated[row])
-                    committed = seq.prompt_ids + slots.out_tokens[row, :done].tolist()
+            self.drafted = [] if step == 0 else self.drafted
+            slots = llm.engine.slots
+            for row in range(slots.active):
+                seq = slots.sequences[row]
+                done = int(slots.host_generated[row])
+                committed = seq.prompt_ids + slots.out_tokens[row, :done].tolist()
+                drafted = [int(tokens[row]) for tokens in self.drafted]
+                if step == 0:
                     expected = reference_first_draft_logits(head, model, committed)
                     torch.testing.assert_close(logits[row], expected, atol=1e-4, rtol=1e-4)
-                    checked.append(done)
-            return super().__call__(step, logits)
+                expected = unrolled_draft_logits(head, model, committed, drafted)
+                torch.testing.assert_close(logits[row], expected, atol=1e-4, rtol=1e-4)
+                checked.append(step)
+            tokens, q = super().__call__(step, logits)
+            self.drafted.append(tokens)
+            return tokens, q
 
     monkeypatch.setattr(speculative_module, "DraftSampler", CheckingSampler)
     prompts = [[5, 17, 33, 40, 41], [7, 8, 9], [60, 61, 62, 63, 64, 65, 66], [11, 12]]
     llm.generate(prompts, SamplingParams(temperature=0.8, max_new_tokens=20, ignore_eos=True, n=2, seed=3),
                  progress=False)
-    assert len(checked) > 20 and 0 < llm.stats.spec.accepted
+    assert checked.count(0) > 20 and set(checked) == set(range(k)) and 0 < llm.stats.spec.accepted
 
 
 def test_ttt_training_reduces_the_loss(target_llm):

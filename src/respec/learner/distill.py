@@ -54,21 +54,20 @@ class DistillResult:
         return total
 
 
-def ttt_forward(head: EagleHead, target: DecoderLM, batch: DistillBatch, depths: int,
-                temperature: float = 1.0, loss: str = "forward_kl") -> DistillResult:
-    """Loss and per-depth statistics of the head unrolled ``depths`` steps on ``batch``."""
-    features, tokens = batch.features, batch.tokens
+def ttt_unroll(head: EagleHead, target: DecoderLM, features: torch.Tensor, tokens: torch.Tensor,
+               depths: int) -> list[torch.Tensor]:
+    """The head's outputs ``[B, T-1, D]`` at each depth ``0 .. depths-1`` of the TTT unroll.
+
+    Output ``t`` of depth ``j`` is what the engine's ``j``-th draft step computes when ``F_{t-j}`` is
+    the newest target feature and ``x_{t-j+1} .. x_{t+1}`` are the tokens after it (drafted ones for
+    ``j > 0``): training and inference see the same inputs (tests/test_eagle.py checks it).
+    """
     rows, steps = tokens.shape
     entries = steps - 1  # entry t pairs F_t with x_{t+1}
-    positions = torch.arange(entries, device=tokens.device)
-    cos, sin = target._rope(positions.expand(rows, entries))
+    cos, sin = target._rope(torch.arange(entries, device=tokens.device).expand(rows, entries))
     embeds = target.embed(tokens[:, 1:])
-    # Dense targets: raw logits, turned into logprobs at ``temperature`` only on the trained entries.
-    target_dist = (batch.target_logits[:, 1:], None if batch.target_index is None else batch.target_index[:, 1:])
-    base_mask = _trained_entries(batch, entries)
     hidden = head.fuse(features[:, :-1])
     keys, values, outputs = [], [], []
-    losses, stats = [], {"kl": [], "top1": [], "alpha": []}
     for depth in range(depths):
         if depth > 0:  # the head's own previous output, one position back
             hidden = F.pad(outputs[-1][:, :-1], (0, 0, 1, 0))
@@ -76,8 +75,20 @@ def ttt_forward(head: EagleHead, target: DecoderLM, batch: DistillBatch, depths:
         keys.append(k)
         values.append(v)
         mask = _depth_mask(entries, depth, tokens.device)
-        out = head.attend(q, torch.cat(keys, dim=2), torch.cat(values, dim=2), mask, hidden)
-        outputs.append(out)
+        outputs.append(head.attend(q, torch.cat(keys, dim=2), torch.cat(values, dim=2), mask, hidden))
+    return outputs
+
+
+def ttt_forward(head: EagleHead, target: DecoderLM, batch: DistillBatch, depths: int,
+                temperature: float = 1.0, loss: str = "forward_kl") -> DistillResult:
+    """Loss and per-depth statistics of the head unrolled ``depths`` steps on ``batch``."""
+    entries = batch.tokens.shape[1] - 1
+    positions = torch.arange(entries, device=batch.tokens.device)
+    # Dense targets: raw logits, turned into logprobs at ``temperature`` only on the trained entries.
+    target_dist = (batch.target_logits[:, 1:], None if batch.target_index is None else batch.target_index[:, 1:])
+    base_mask = _trained_entries(batch, entries)
+    losses, stats = [], {"kl": [], "top1": [], "alpha": []}
+    for depth, out in enumerate(ttt_unroll(head, target, batch.features, batch.tokens, depths)):
         trained = base_mask & (positions[None, :] - depth >= batch.prompt_lens[:, None] - 1)
         depth_loss, depth_stats = _depth_loss(head, target, out, target_dist, trained, batch.weights,
                                               temperature, loss)
