@@ -372,3 +372,15 @@ def test_learner_needs_speculation_and_an_eagle_head(tiny_llama, tmp_path):
     with pytest.raises(ValueError, match="EAGLE"):
         Trainer(tiny_config(tiny_llama, tmp_path, "rollout.speculative=static", "rollout.drafters=[ngram]",
                             "learner.mode=sync"), reward_fn=char_class_reward)
+
+
+def test_offline_training_prompts_follow_the_rl_task():
+    """``drafter train --task`` drafts on the trainer's own phrasing (instruction + chat messages)."""
+    from respec.learner.offline import OfflineConfig, training_prompts
+    from respec.rl.tasks import INSTRUCTION, arithmetic_problems, chat_prompt
+
+    prompts = training_prompts(OfflineConfig(task="arithmetic", levels=(1, 2), num_prompts=5, seed=3))
+    assert prompts == [chat_prompt(p) for p in arithmetic_problems(5, 3, (1, 2))]
+    assert all(INSTRUCTION in messages[0]["content"] for messages in prompts)
+    with pytest.raises(ValueError, match="task"):
+        OfflineConfig(task="chess")

@@ -157,7 +157,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_drafter_train(args: argparse.Namespace) -> int:
     from .learner.offline import OfflineConfig, run_offline
 
-    config = OfflineConfig(model=args.model, prompts=args.prompts, out=args.out, num_prompts=args.num_prompts,
+    config = OfflineConfig(model=args.model, prompts=args.prompts, task=args.task, levels=args.levels,
+                           out=args.out, num_prompts=args.num_prompts,
                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, depths=args.k,
                            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                            draft_vocab_size=args.draft_vocab_size, seed=args.seed)
@@ -224,6 +225,9 @@ def _add_drafter(sub: argparse._SubParsersAction) -> None:
     _add_model_args(train)
     train.add_argument("--prompts", default=None,
                        help="JSONL with a 'question' field, or 'arithmetic' (default: GSM8K when present)")
+    train.add_argument("--task", choices=("arithmetic", "gsm8k"), default=None,
+                       help="train on this RL task's problems as the trainer phrases them (gsm8k reads --prompts)")
+    train.add_argument("--levels", type=_int_list, default=(1, 2, 3), help="arithmetic levels for --task arithmetic")
     train.add_argument("--out", default="drafters/smollm2-eagle")
     train.add_argument("--num-prompts", type=int, default=256)
     train.add_argument("--max-new-tokens", type=int, default=128)

@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..bench import arithmetic_questions, load_questions
-from ..engine.llm import LLM
+from ..bench import GSM8K_DEFAULT, arithmetic_questions, load_questions
+from ..engine.llm import LLM, Prompt
 from ..engine.params import SamplingParams
 from ..models.decoder import DecoderLM
 from ..models.eagle import EagleConfig, EagleHead
+from ..rl.tasks import chat_prompt, load_task
 from .distill import DistillBatch, DistillResult, ttt_forward
 
 
@@ -33,6 +34,11 @@ from .distill import DistillBatch, DistillResult, ttt_forward
 class OfflineConfig:
     model: str = "smollm2-135m"
     prompts: str | None = None  # JSONL with "question", or "arithmetic"; default GSM8K when present
+    # The RL task's training problems, phrased exactly as the trainer phrases them (its instruction
+    # and chat template), so the head learns the answers the RL run will draft: "arithmetic" (of
+    # ``levels``) or "gsm8k" (from ``prompts``, default the GSM8K file).
+    task: str | None = None
+    levels: tuple[int, ...] = (1, 2, 3)
     out: str = "drafters/smollm2-eagle"
     num_prompts: int = 256
     max_new_tokens: int = 128
@@ -56,6 +62,8 @@ class OfflineConfig:
             raise ValueError(f"held_out: must be in [0, 1), got {self.held_out}")
         if self.draft_vocab_size < 0:
             raise ValueError(f"draft_vocab_size: must be >= 0, got {self.draft_vocab_size}")
+        if self.task not in (None, "arithmetic", "gsm8k"):
+            raise ValueError(f"task: must be 'arithmetic' or 'gsm8k', got {self.task!r}")
 
 
 @dataclass
@@ -66,7 +74,7 @@ class Example:
     logits: torch.Tensor | None = None  # [T, V'] (bf16 to halve memory)
 
 
-def collect_examples(llm: LLM, questions: list[str], config: OfflineConfig) -> list[Example]:
+def collect_examples(llm: LLM, questions: list[Prompt], config: OfflineConfig) -> list[Example]:
     params = SamplingParams(temperature=config.temperature, max_new_tokens=config.max_new_tokens,
                             seed=config.seed)
     outputs = llm.generate(questions, params, chat=True, progress=True)
@@ -187,11 +195,7 @@ def run_offline(config: OfflineConfig, llm: LLM | None = None) -> Path:
     target = llm.model
     for p in target.parameters():
         p.requires_grad_(False)
-    if config.prompts == "arithmetic":
-        questions = arithmetic_questions(config.num_prompts, config.seed)
-    else:
-        questions = load_questions(config.num_prompts, Path(config.prompts) if config.prompts else None, config.seed)
-    examples = collect_examples(llm, questions, config)
+    examples = collect_examples(llm, training_prompts(config), config)
     eos = tuple(llm.engine.eos_token_ids)
     vocab = choose_draft_vocab(examples, config.draft_vocab_size, target.config.vocab_size, eos)
     eagle_config = EagleConfig.for_target(target.config, draft_vocab_size=int(vocab.numel()))
@@ -209,6 +213,17 @@ def run_offline(config: OfflineConfig, llm: LLM | None = None) -> Path:
     (out / "training.json").write_text(json.dumps({**asdict(config), "response_coverage": covered}, indent=2))
     print(f"draft vocabulary covers {covered:.1%} of response tokens; saved to {out}")
     return out
+
+
+def training_prompts(config: OfflineConfig) -> list[Prompt]:
+    """The prompts whose answers the head is trained on (see ``OfflineConfig.prompts`` and ``task``)."""
+    if config.task is not None:
+        path = config.prompts or (str(GSM8K_DEFAULT) if config.task == "gsm8k" else None)
+        problems, _ = load_task(config.task, config.num_prompts, 1, config.seed, path, tuple(config.levels))
+        return [chat_prompt(problem) for problem in problems[: config.num_prompts]]
+    if config.prompts == "arithmetic":
+        return arithmetic_questions(config.num_prompts, config.seed)
+    return load_questions(config.num_prompts, Path(config.prompts) if config.prompts else None, config.seed)
 
 
 def _coverage(examples: list[Example], vocab: torch.Tensor) -> float:
