@@ -145,6 +145,19 @@ def test_held_out_acceptance_rises_after_updates(target_llm):
     assert set(LLM(target_llm.model, tokenizer=target_llm.tokenizer).stats.spec.by_version) == set()
 
 
+def test_tau_sim_is_only_reported_on_samples_not_yet_trained_on(target_llm):
+    """A round with no newer samples (e.g. every reward 0 since the last one) would measure the head
+    on its own training data: it reports no tau_sim instead of an inflated one."""
+    learner = learner_for(target_llm, random_head(target_llm.model, seed=3, scale=0.05), updates_per_round=2)
+    sequences, prompt_len = sampled_sequences(target_llm, 8, seed=5)
+    target = learner.frozen_target(target_llm.model)
+    fill_buffer(learner, target_llm.model, sequences, prompt_len, step=1)
+    assert learner.train_round(target).tau_sim_before is not None
+    assert learner.train_round(target).tau_sim_before is None  # nothing new since the last round
+    fill_buffer(learner, target_llm.model, sequences, prompt_len, step=2)
+    assert learner.train_round(target).tau_sim_before is not None
+
+
 # ---------------------------------------------------------------------- 20. hot-swap mid-generation
 class SwappingSource:
     """Publishes a differently perturbed head before every decode step (the worst case of a learner

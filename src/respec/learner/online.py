@@ -92,6 +92,9 @@ class OnlineLearner:
         self._warned_negative = False
         # per version: the RL step of the newest samples it learned from (the loaded head: the initial actor)
         self.version_step: dict[int, int] = {self.version: 0}
+        # The newest step a round has measured ``tau_sim`` on: a round with no newer samples reports
+        # none, since the head has already trained on what it would measure.
+        self.evaluated_step = -1
         drafter.subscribe(self.mailbox)
 
     @property
@@ -126,7 +129,8 @@ class OnlineLearner:
         eligible = [i for i, w in enumerate(weights.tolist()) if w > 0]
         if not eligible:  # nothing to learn from (e.g. every reward 0 under reward weighting)
             return RoundResult(self.version, newest, 0, time.perf_counter() - started)
-        fresh = [s for s in samples if s.step == newest][: self.config.batch_size]
+        fresh = [s for s in samples if s.step == newest > self.evaluated_step][: self.config.batch_size]
+        self.evaluated_step = max(self.evaluated_step, newest)
         before = self.evaluate(fresh, target)
         losses, tops = [], []
         for _ in range(self.config.updates_per_round):
@@ -176,7 +180,7 @@ class OnlineLearner:
         return {"head": {n: t.detach().clone() for n, t in self.head.state_dict().items()},
                 "optimizer": self.optimizer.state_dict(), "version": self.version, "updates": self.updates,
                 "train_time_s": self.train_time_s, "buffer": self.buffer.state(), "rng": self.rng.getstate(),
-                "version_step": dict(self.version_step)}
+                "version_step": dict(self.version_step), "evaluated_step": self.evaluated_step}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the learner and put the same weights (and version) in the engine's drafter."""
@@ -188,6 +192,7 @@ class OnlineLearner:
         self.buffer.load_state(state["buffer"])
         self.rng.setstate(state["rng"])
         self.version_step = dict(state["version_step"])
+        self.evaluated_step = state.get("evaluated_step", -1)
         snapshot = make_snapshot(self.head, self.version, {"step": self.version_step.get(self.version, 0)},
                                  self.publish_dtype)
         apply_snapshot(self.drafter.head, snapshot)
