@@ -220,7 +220,7 @@ def training_prompts(config: OfflineConfig) -> list[Prompt]:
     if config.task is not None:
         path = config.prompts or (str(GSM8K_DEFAULT) if config.task == "gsm8k" else None)
         problems, _ = load_task(config.task, config.num_prompts, 1, config.seed, path, tuple(config.levels))
-        return [chat_prompt(problem) for problem in problems[: config.num_prompts]]
+        return [chat_prompt(problem) for problem in problems]
     if config.prompts == "arithmetic":
         return arithmetic_questions(config.num_prompts, config.seed)
     return load_questions(config.num_prompts, Path(config.prompts) if config.prompts else None, config.seed)
