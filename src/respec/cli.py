@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .models.presets import DEFAULT_MODEL
+from .rl.tasks import TASK_NAMES
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -225,7 +226,7 @@ def _add_drafter(sub: argparse._SubParsersAction) -> None:
     _add_model_args(train)
     train.add_argument("--prompts", default=None,
                        help="JSONL with a 'question' field, or 'arithmetic' (default: GSM8K when present)")
-    train.add_argument("--task", choices=("arithmetic", "gsm8k"), default=None,
+    train.add_argument("--task", choices=TASK_NAMES, default=None,
                        help="train on this RL task's problems as the trainer phrases them (gsm8k reads --prompts)")
     train.add_argument("--levels", type=_int_list, default=(1, 2, 3), help="arithmetic levels for --task arithmetic")
     train.add_argument("--out", default="drafters/smollm2-eagle")

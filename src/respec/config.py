@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from .rl.tasks import TASK_NAMES
+
 
 @dataclass
 class TaskConfig:
@@ -31,8 +33,7 @@ class TaskConfig:
     switch_to: TaskConfig | None = None
 
     def validate(self, prefix: str = "task") -> None:
-        _require(self.name in ("arithmetic", "gsm8k"), f"{prefix}.name",
-                 f"must be 'arithmetic' or 'gsm8k', got {self.name!r}")
+        _require(self.name in TASK_NAMES, f"{prefix}.name", f"must be one of {TASK_NAMES}, got {self.name!r}")
         _require(self.num_train >= 1, f"{prefix}.num_train", f"must be >= 1, got {self.num_train}")
         _require(self.num_eval >= 1, f"{prefix}.num_eval", f"must be >= 1, got {self.num_eval}")
         _require(self.switch_at >= 0, f"{prefix}.switch_at", f"must be >= 0, got {self.switch_at}")

@@ -26,7 +26,7 @@ from ..engine.llm import LLM, Prompt
 from ..engine.params import SamplingParams
 from ..models.decoder import DecoderLM
 from ..models.eagle import EagleConfig, EagleHead
-from ..rl.tasks import chat_prompt, load_task
+from ..rl.tasks import TASK_NAMES, chat_prompt, load_task
 from .distill import DistillBatch, DistillResult, ttt_forward
 
 
@@ -62,8 +62,8 @@ class OfflineConfig:
             raise ValueError(f"held_out: must be in [0, 1), got {self.held_out}")
         if self.draft_vocab_size < 0:
             raise ValueError(f"draft_vocab_size: must be >= 0, got {self.draft_vocab_size}")
-        if self.task not in (None, "arithmetic", "gsm8k"):
-            raise ValueError(f"task: must be 'arithmetic' or 'gsm8k', got {self.task!r}")
+        if self.task is not None and self.task not in TASK_NAMES:
+            raise ValueError(f"task: must be one of {TASK_NAMES}, got {self.task!r}")
 
 
 @dataclass

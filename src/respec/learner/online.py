@@ -129,7 +129,8 @@ class OnlineLearner:
         eligible = [i for i, w in enumerate(weights.tolist()) if w > 0]
         if not eligible:  # nothing to learn from (e.g. every reward 0 under reward weighting)
             return RoundResult(self.version, newest, 0, time.perf_counter() - started)
-        fresh = [s for s in samples if s.step == newest > self.evaluated_step][: self.config.batch_size]
+        unseen = newest > self.evaluated_step
+        fresh = [s for s in samples if s.step == newest][: self.config.batch_size] if unseen else []
         self.evaluated_step = max(self.evaluated_step, newest)
         before = self.evaluate(fresh, target)
         losses, tops = [], []

@@ -12,6 +12,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+TASK_NAMES = ("arithmetic", "gsm8k")
+
 INSTRUCTION = "Solve the problem. End your reply with 'Answer: ' followed by the number."
 
 NAMES = ("Ana", "Ben", "Carla", "Dev", "Emma", "Farid", "Grace", "Hugo", "Iris", "Jon")
@@ -106,7 +108,7 @@ def load_task(name: str, num_train: int, num_eval: int, seed: int, path: str | N
         if num_train < 1:
             raise ValueError(f"num_eval: {num_eval} leaves no training problems in {path} ({len(problems)} in all)")
         return problems[num_eval: num_eval + num_train], problems[:num_eval]
-    raise ValueError(f"task.name: unknown task {name!r}; use 'arithmetic' or 'gsm8k'")
+    raise ValueError(f"task.name: unknown task {name!r}; use one of {TASK_NAMES}")
 
 
 def chat_prompt(problem: Problem) -> list[dict[str, str]]:
