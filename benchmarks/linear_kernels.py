@@ -1,9 +1,11 @@
-"""Why ``fast_linear`` exists: weight-streaming speed of small-batch matmuls on this CPU.
+"""Why ``fast_linear`` chooses its kernel: weight-streaming speed of small-batch matmuls on this CPU.
 
 For each SmolLM2-135M weight shape and row count M, time ``F.linear`` on a row-major weight (what
-transformers runs) against ``fast_linear`` on a column-major weight (what our engine runs), over
-enough copies of the matrix to exceed the caches, and report GB/s of weights streamed, next to the
-machine's read bandwidth from summing a 1 GiB tensor.
+transformers runs) and each of ``fast_linear``'s kernels on a column-major weight (gemm: the plain
+GEMM; k_split: the reduction split in two halves; n_split: the output columns split), over enough
+copies of the matrix to exceed the caches, and report GB/s of weights streamed, next to the
+machine's read bandwidth from summing a 1 GiB tensor. The engine's tuner (kernel_tuning.py) makes
+the same comparison on the model's own weights and keeps the fastest.
 
     python benchmarks/linear_kernels.py --out linear_kernels.json
 """
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from respec.bench import measure_read_bandwidth
-from respec.models.linear import fast_linear
+from respec.models.linear import eligible_kernels, run_kernel
 
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536), "lm_head": (49152, 576)}
 
@@ -37,24 +39,26 @@ def stream_gb_s(fn, weights: list[torch.Tensor], x: torch.Tensor, repeats: int =
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", default="1,8,32")
+    parser.add_argument("--rows", default="1,2,5,8,32")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     result = {"threads": torch.get_num_threads(), "read_bandwidth_gb_s": measure_read_bandwidth() / 1e9, "rows": []}
     print(f"read bandwidth {result['read_bandwidth_gb_s']:.1f} GB/s, {result['threads']} threads")
-    print(f"{'matrix':<9}{'M':>4}{'F.linear GB/s':>15}{'fast_linear GB/s':>18}{'ratio':>7}")
+    print(f"{'matrix':<9}{'M':>4}{'F.linear':>10}{'gemm':>8}{'k_split':>9}{'n_split':>9}  (GB/s)")
     for name, (out_f, in_f) in SHAPES.items():
-        copies = max(2, 300_000_000 // (out_f * in_f * 4))  # > 256 MB: far beyond the caches
+        copies = max(2, 300_000_000 // (out_f * in_f * 4))  # > 256 MB: far beyond most caches
         row_major = [torch.randn(out_f, in_f) for _ in range(copies)]
         col_major = [w.t().contiguous().t() for w in row_major]
         for m in (int(v) for v in args.rows.split(",")):
             x = torch.randn(m, in_f)
-            base = stream_gb_s(F.linear, row_major, x)
-            ours = stream_gb_s(fast_linear, col_major, x)
-            result["rows"].append({"matrix": name, "shape": [out_f, in_f], "rows": m,
-                                   "f_linear_gb_s": base, "fast_linear_gb_s": ours})
-            print(f"{name:<9}{m:>4}{base:>15.1f}{ours:>18.1f}{ours / base:>7.2f}")
+            speeds = {"f_linear": stream_gb_s(F.linear, row_major, x)}
+            for kernel in eligible_kernels(out_f, in_f):
+                speeds[kernel] = stream_gb_s(lambda x, w, kernel=kernel: run_kernel(kernel, x, w), col_major, x)
+            result["rows"].append({"matrix": name, "shape": [out_f, in_f], "rows": m, "gb_s": speeds})
+            cells = "".join(f"{speeds.get(k, float('nan')):>{w}.1f}" for k, w in
+                            (("f_linear", 10), ("gemm", 8), ("k_split", 9), ("n_split", 9)))
+            print(f"{name:<9}{m:>4}{cells}", flush=True)
         del row_major, col_major
     if args.out:
         with open(args.out, "w") as f:

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models.decoder import DecoderLM
+from ..models.kernel_tuning import tune_linear_kernels
 from .cache import KVCache
 from .controller import OFF, AdaptiveController, Arm, ControllerConfig, StaticController, StepRecord
 from .cost_model import CostModel
@@ -78,6 +79,8 @@ class Engine:
         self.drafters = _named_drafters(drafter)
         for each in self.drafters.values():
             check_vocab(each.vocab_size, model.config.vocab_size)
+        if model.device.type == "cpu":  # before the cost profile below, which times these kernels
+            tune_linear_kernels([model, *(d.learnable() for d in self.drafters.values() if d.learnable() is not None)])
         self.controller = self._make_controller(speculative)
         self.stats = GenerationStats()
         if self.controller is not None:

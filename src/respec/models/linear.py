@@ -1,9 +1,12 @@
 """Linear layers whose weights are laid out for fast decoding and still train as ordinary parameters.
 
 Decoding multiplies a few rows by every weight matrix, so it is bound by how fast the weights stream
-from memory. On CPU, MKL's kernels for ``x @ W.T`` with a handful of rows run on one core and reach
-12-13 GB/s here, while splitting the output columns into a batched matmul over strided views of a
-column-major weight keeps both cores streaming (21-31 GB/s; see docs/benchmarks.md). The parameter
+from memory. Which kernel streams fastest depends on the CPU: on one machine MKL's GEMM with a
+handful of rows ran on one core (12-13 GB/s) while splitting the output columns or the reduction
+into a batched matmul kept both cores streaming (21-31 GB/s); on another the plain GEMM over the
+column-major weight was the fastest. So ``fast_linear`` picks per weight shape and row count from a
+table the engine fills by timing the candidates on the model's own weights (kernel_tuning.py), with
+a fixed rule for shapes not timed. The parameter
 keeps the usual ``[out_features, in_features]`` shape, only its memory is column-major, so the
 trainer's optimizer updates exactly the tensor the engine reads: one set of weights, no copies.
 """
@@ -14,12 +17,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Up to this many rows the split matmul beats MKL's plain GEMM on CPU (measured at 1, 8 and 32 rows);
-# beyond it, the work is compute bound and one large GEMM is best.
+# Up to this many rows the split matmuls can beat MKL's plain GEMM on CPU; beyond it, the work is
+# compute bound and one large GEMM is best.
 SPLIT_MAX_ROWS = 48
 # Up to this many rows, splitting the reduction (each core streams one contiguous half of the
-# weight) beats splitting the output columns for the layer matrices (measured at 1 row).
+# weight) beat splitting the output columns for the layer matrices on the first machine measured.
 K_SPLIT_MAX_ROWS = 4
+
+KERNELS = ("gemm", "k_split", "n_split")
+# Row counts the tuner times; a call with r rows uses the choice made for the largest bucket <= r.
+ROW_BUCKETS = (1, 2, 3, 5, 8, 16, 32, 48)
+_BUCKET_OF = [max((b for b in ROW_BUCKETS if b <= rows), default=1) for rows in range(SPLIT_MAX_ROWS + 1)]
+# (out_features, in_features, row bucket) -> kernel name, filled by kernel_tuning.tune_linear_kernels.
+# Shapes it has not seen use the fixed rule in ``default_kernel``.
+_chosen: dict[tuple[int, int, int], str] = {}
 
 
 def column_major_empty(out_features: int, in_features: int, dtype: torch.dtype | None = None,
@@ -35,21 +46,68 @@ def _num_splits(out_features: int) -> int:
     return 2 if out_features % 2 == 0 else 1
 
 
+def eligible_kernels(out_features: int, in_features: int) -> tuple[str, ...]:
+    """The kernels that can run a weight of this shape (the splits need even dimensions)."""
+    kernels = ["gemm"]
+    if in_features % 2 == 0:
+        kernels.append("k_split")
+    if _num_splits(out_features) > 1:
+        kernels.append("n_split")
+    return tuple(kernels)
+
+
+def default_kernel(rows: int, out_features: int, in_features: int) -> str:
+    """The fixed rule used before (or without) tuning."""
+    if rows <= K_SPLIT_MAX_ROWS and out_features < 16384 and in_features % 2 == 0:
+        return "k_split"
+    return "n_split" if _num_splits(out_features) > 1 else "gemm"
+
+
+def row_bucket(rows: int) -> int:
+    return _BUCKET_OF[rows]
+
+
+def set_kernel_choices(choices: dict[tuple[int, int, int], str]) -> None:
+    """Install tuned choices ``(out, in, row bucket) -> kernel`` (merged over earlier ones)."""
+    for key, kernel in choices.items():
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel: unknown kernel {kernel!r} for shape {key[:2]}, expected one of {KERNELS}")
+        _chosen[tuple(key)] = kernel
+
+
+def kernel_choices() -> dict[tuple[int, int, int], str]:
+    return dict(_chosen)
+
+
+def clear_kernel_choices() -> None:
+    _chosen.clear()
+
+
+def run_kernel(kernel: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T (+ bias)`` for a column-major CPU ``weight`` with the named kernel."""
+    out_features, in_features = weight.shape
+    if kernel == "gemm":
+        return F.linear(x, weight, bias)
+    rows = x.numel() // in_features
+    flat = x.reshape(rows, in_features)
+    if kernel == "k_split":
+        out = _k_split(flat, weight.t())
+    else:
+        out = _n_split(flat, weight.t(), _num_splits(out_features))
+    out = out.reshape(*x.shape[:-1], out_features)
+    return out if bias is None else out + bias
+
+
 def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` with a multi-core path for few rows on CPU; same result up to float rounding."""
+    """``F.linear`` with the fastest kernel known for few rows on CPU; same result up to float rounding."""
     rows = x.numel() // x.shape[-1]
     if x.device.type != "cpu" or rows > SPLIT_MAX_ROWS or not weight.t().is_contiguous():
         return F.linear(x, weight, bias)
     out_features, in_features = weight.shape
-    if rows <= K_SPLIT_MAX_ROWS and out_features < 16384 and in_features % 2 == 0:
-        out = _k_split(x.reshape(rows, in_features), weight.t())
-    else:
-        splits = _num_splits(out_features)
-        if splits == 1:
-            return F.linear(x, weight, bias)
-        out = _n_split(x.reshape(rows, in_features), weight.t(), splits)
-    out = out.reshape(*x.shape[:-1], out_features)
-    return out if bias is None else out + bias
+    kernel = _chosen.get((out_features, in_features, _BUCKET_OF[rows]))
+    if kernel is None:
+        kernel = default_kernel(rows, out_features, in_features)
+    return run_kernel(kernel, x, weight, bias)
 
 
 def _n_split(x: torch.Tensor, weight_t: torch.Tensor, splits: int) -> torch.Tensor:
