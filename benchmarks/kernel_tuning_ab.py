@@ -54,11 +54,11 @@ def main() -> None:
     for batch, tokens in SHAPES:
         times = {"fixed": [], "tuned": []}
         for _ in range(args.repeats):
-            for name in times:
+            for name, samples in times.items():
                 linear.clear_kernel_choices()
                 if name == "tuned":
                     linear.set_kernel_choices(tuned)
-                times[name].append(time_forward(model, cache, batch, tokens, calls=8) * 1e3)
+                samples.append(time_forward(model, cache, batch, tokens, calls=8) * 1e3)
         fixed, ours = statistics.median(times["fixed"]), statistics.median(times["tuned"])
         rows.append({"batch": batch, "tokens": tokens, "fixed_ms": fixed, "tuned_ms": ours, "ratio": fixed / ours})
         print(f"{batch:>5}{tokens:>7}{fixed:>10.1f}{ours:>10.1f}{fixed / ours:>7.2f}", flush=True)

@@ -162,7 +162,8 @@ def cmd_drafter_train(args: argparse.Namespace) -> int:
                            out=args.out, num_prompts=args.num_prompts,
                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, depths=args.k,
                            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                           draft_vocab_size=args.draft_vocab_size, seed=args.seed)
+                           draft_vocab_size=args.draft_vocab_size, seed=args.seed, examples=args.examples,
+                           init_from=args.init_from)
     run_offline(config)
     return 0
 
@@ -239,6 +240,10 @@ def _add_drafter(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--draft-vocab-size", type=int, default=4096, help="0 = the full vocabulary")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--examples", default=None,
+                       help="answers file (JSONL): read when it exists, else written after generating")
+    train.add_argument("--init-from", default=None,
+                       help="continue training this saved head (keeps its draft vocabulary)")
     train.set_defaults(func=cmd_drafter_train)
 
 
