@@ -83,8 +83,39 @@ def run_spec_bench(model: str, drafters: list[str], batch_sizes: tuple[int, ...]
                     row.speedup_vs_ar = rate / ar_rate
                 rows.append(row)
                 print(format_row(asdict(row)), flush=True)
-    return {"model": model, "device": str(ar.model.device), "dtype": str(ar.model.dtype),
-            "threads": torch.get_num_threads(), "k": k, "rows": [asdict(r) for r in rows]}
+    result = {"model": model, "device": str(ar.model.device), "dtype": str(ar.model.dtype),
+              "threads": torch.get_num_threads(), "k": k, "rows": [asdict(r) for r in rows]}
+    result["pays_up_to"] = pay_limits(result["rows"])
+    print(format_pay_limits(result["pays_up_to"]), flush=True)
+    return result
+
+
+def pay_limits(rows: list[dict]) -> list[dict]:
+    """Per (drafter, temperature): the batch sizes where SD beat AR, and the largest batch up to which
+    it beat AR at every measured size (None: it lost already at the smallest)."""
+    limits = []
+    keys = dict.fromkeys((r["drafter"], r["temperature"]) for r in rows if r["system"] == "sd")
+    for drafter, temperature in keys:
+        runs = sorted((r for r in rows if r["drafter"] == drafter and r["temperature"] == temperature),
+                      key=lambda r: r["batch_size"])
+        wins = [r["batch_size"] for r in runs if r["speedup_vs_ar"] > 1.0]
+        up_to = None
+        for r in runs:
+            if r["speedup_vs_ar"] <= 1.0:
+                break
+            up_to = r["batch_size"]
+        limits.append({"drafter": drafter, "temperature": temperature, "wins_at": wins, "pays_up_to": up_to})
+    return limits
+
+
+def format_pay_limits(limits: list[dict]) -> str:
+    lines = []
+    for limit in limits:
+        where = f"pays up to batch {limit['pays_up_to']}" if limit["pays_up_to"] is not None \
+            else "does not pay at the smallest batch"
+        wins = ", ".join(map(str, limit["wins_at"])) or "none"
+        lines.append(f"{limit['drafter']} at T = {limit['temperature']}: SD {where} (faster than AR at batch: {wins})")
+    return "\n".join(lines)
 
 
 HEADER = f"{'system':<6}{'drafter':<28}{'k':>3}{'T':>5}{'batch':>6}{'tokens':>8}{'seconds':>9}{'tok/s':>9}" \
@@ -103,4 +134,6 @@ def format_row(r: dict) -> str:
 def format_spec_table(result: dict) -> str:
     lines = [run_header(result, f"k={result['k']}"), HEADER]
     lines += [format_row(r) for r in result["rows"]]
+    if result.get("pays_up_to"):
+        lines.append(format_pay_limits(result["pays_up_to"]))
     return "\n".join(lines)
