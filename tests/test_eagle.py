@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -9,6 +10,8 @@ from respec import LLM, SamplingParams
 from respec.engine import speculative as speculative_module
 from respec.engine.drafters import EagleDrafter
 from respec.engine.drafters.base import DraftSampler
+from respec.engine.rng import sample_key
+from respec.engine.sampling import uniform_row_params
 from respec.learner.distill import DistillBatch, ttt_forward, ttt_unroll
 from respec.models.eagle import EagleConfig, EagleHead
 
@@ -95,7 +98,9 @@ def test_engine_drafts_match_a_from_scratch_head(target_llm, k, monkeypatch):
     class CheckingSampler(DraftSampler):
         drafted: list[torch.Tensor]
 
-        def __call__(self, step, logits):
+        def __call__(self, step, head_logits, vocab_index=None, vocab_size=0):
+            logits = head_logits if vocab_index is None else head_logits.new_full(
+                (head_logits.shape[0], vocab_size), float("-inf")).index_copy_(1, vocab_index, head_logits)
             self.drafted = [] if step == 0 else self.drafted
             slots = llm.engine.slots
             for row in range(slots.active):
@@ -109,7 +114,7 @@ def test_engine_drafts_match_a_from_scratch_head(target_llm, k, monkeypatch):
                 expected = unrolled_draft_logits(head, model, committed, drafted)
                 torch.testing.assert_close(logits[row], expected, atol=1e-4, rtol=1e-4)
                 checked.append(step)
-            tokens, q = super().__call__(step, logits)
+            tokens, q = super().__call__(step, head_logits, vocab_index, vocab_size)
             self.drafted.append(tokens)
             return tokens, q
 
@@ -143,3 +148,27 @@ def test_ttt_training_reduces_the_loss(target_llm):
     # The loss is KL(p || q) itself (not cross-entropy), so all of it is removable.
     assert float(result.loss.detach()) <= 0.5 * first
     assert len(result.alpha) == 3 and result.tau_sim > 1
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.0, 0, 1.0), (0.8, 0, 1.0), (1.0, 5, 1.0), (0.7, 0, 0.9),
+                                                     (1.3, 40, 0.95)])
+def test_reduced_vocab_drafts_equal_full_vocab_drafts(temperature, top_k, top_p):
+    """A head with a reduced vocabulary samples over its own entries only; that must give exactly the
+    tokens and q of sampling over the target's vocabulary with -inf outside (the path the statistical
+    exactness tests cover), for the same uniforms and any top-k / top-p."""
+    torch.manual_seed(0)
+    rows, vocab, reduced = 64, 500, 120
+    index = torch.randperm(vocab)[:reduced].sort().values
+    logits = torch.randn(rows, reduced) * 3
+    full_logits = torch.full((rows, vocab), float("-inf")).index_copy_(1, index, logits)
+    params = uniform_row_params(rows, temperature, top_k, top_p)
+    keys = np.array([sample_key(7, i) for i in range(rows)], dtype=np.uint64)
+    generated = np.arange(rows, dtype=np.int64) % 5
+    for step in range(3):
+        sampler = DraftSampler(params, keys, generated, torch.device("cpu"))
+        tokens, q = sampler(step, logits, index, vocab)
+        full_tokens, full_q = sampler(step, full_logits)
+        assert torch.equal(tokens, full_tokens)
+        assert q.shape == (rows, vocab)
+        torch.testing.assert_close(q, full_q, atol=1e-5, rtol=1e-5)
+        assert torch.isinf(q[:, ~torch.isin(torch.arange(vocab), index)]).all()

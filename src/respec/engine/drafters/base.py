@@ -83,13 +83,24 @@ class DraftSampler:
     def __init__(self, params: RowParams, keys: np.ndarray, generated: np.ndarray, device: torch.device) -> None:
         self.params, self.keys, self.generated, self.device = params, keys, generated, device
 
-    def __call__(self, step: int, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draft ``step`` (0-based) from ``logits [B, V]``: tokens [B] and processed logprobs q [B, V]."""
+    def __call__(self, step: int, logits: torch.Tensor, vocab_index: torch.Tensor | None = None,
+                 vocab_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draft ``step`` (0-based) from ``logits [B, V]``: tokens [B] and processed logprobs q [B, V].
+
+        A drafter with a reduced vocabulary passes logits over its own ``V'`` entries, ``vocab_index
+        [V']`` (their sorted target ids) and the target's ``vocab_size``: the processing and the draw
+        run over ``V'`` entries only, which gives the same distribution and, the index being sorted,
+        the same inverse-CDF token as over the full vocabulary with ``-inf`` elsewhere; q is then
+        spread onto the target's vocabulary for the verifier."""
         q = processed_logprobs(logits, self.params)
         draws = None
         if self.params.any_random:
             draws = torch.from_numpy(uniforms(self.keys, self.generated + step, DRAFT_STREAM)).to(self.device)
-        return sample_tokens(q, draws, self.params), q
+        tokens = sample_tokens(q, draws, self.params)
+        if vocab_index is None:
+            return tokens, q
+        full = q.new_full((q.shape[0], vocab_size), float("-inf")).index_copy_(1, vocab_index, q)
+        return vocab_index[tokens], full
 
 
 class Drafter:

@@ -33,6 +33,13 @@ class EagleDrafter(Drafter):
         self.capture_layers = tuple(head.config.fuse_layers)
         self.cache: KVCache | None = None
 
+    @property
+    def _draft_vocab(self) -> tuple[torch.Tensor | None, int]:
+        """The head's reduced vocabulary (target ids) for the sampler, or None for the full one."""
+        if self.head.draft_head is None:
+            return None, 0
+        return self.head.draft_to_target, self.vocab_size
+
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, target: DecoderLM) -> EagleDrafter:
         return cls(EagleHead.from_pretrained(path, target), target)
@@ -149,7 +156,7 @@ class EagleDrafter(Drafter):
         position = start + count - 1  # of the entry whose output drafts the next token
         drafts, logprobs = [], []
         for step in range(k):
-            token, q = sampler(step, self.head.logits(hidden, self.target))
+            token, q = sampler(step, self.head.head_logits(hidden, self.target), *self._draft_vocab)
             drafts.append(token)
             logprobs.append(q)
             if step == k - 1:
