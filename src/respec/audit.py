@@ -3,7 +3,7 @@
 Three checks, each with its measured figure:
 1. distribution: many samples of one prompt through the speculative engine; the 2nd and 3rd tokens
    (the first ones a verify step emits) are compared, per observed prefix, with the target's exact
-   processed distribution (chi-square goodness of fit, cells with expected count < 5 pooled).
+   processed distribution (chi-square goodness of fit, rare cells pooled until the pool expects >= 5).
 2. greedy: speculative greedy output equals plain greedy output token for token.
 3. logprobs: logprobs returned with speculative samples equal a teacher-forced recompute.
 With ``negative_control`` the distribution check is repeated with a verifier that accepts every draft;
@@ -35,13 +35,20 @@ class AuditCheck:
 
 
 def chi_square_p_value(observed: torch.Tensor, expected: torch.Tensor) -> tuple[float, int]:
-    """(chi-square statistic, degrees of freedom) of ``observed`` counts vs ``expected`` counts, with
-    cells of expected count < 5 pooled into one."""
+    """(chi-square statistic, degrees of freedom) of ``observed`` counts vs ``expected`` counts.
+
+    Cells of expected count < 5 are pooled, and the pool takes the next-smallest cells until it too
+    expects at least 5: a pool expecting 0.01 that draws one sample would add ~100 to the statistic,
+    a heavy tail the chi-square law does not have (a correct sampler then fails one audit in a few).
+    """
     if bool((observed[expected <= 0] > 0).any()):  # a sample where the target has no mass at all
         return float("inf"), 1
-    small = expected < 5
-    obs = torch.cat((observed[~small], observed[small].sum()[None]))
-    exp = torch.cat((expected[~small], expected[small].sum()[None]))
+    order = torch.argsort(expected)
+    exp, obs = expected[order], observed[order]
+    before = torch.cumsum(exp, 0) - exp  # expected count of all smaller cells
+    pooled = (exp < 5) | (before < 5)
+    obs = torch.cat((obs[~pooled], obs[pooled].sum()[None]))
+    exp = torch.cat((exp[~pooled], exp[pooled].sum()[None]))
     keep = exp > 0
     obs, exp = obs[keep], exp[keep]
     # One cell left (a small group): no information, 0 degrees of freedom.

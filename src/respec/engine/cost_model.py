@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import write_text_atomic
 from ..models import presets
 from ..models.decoder import DecoderLM
 from .cache import KVCache
@@ -141,10 +142,7 @@ class CostModel:
             return cls(data["batches"], dominated_minimum(np.asarray(data["table"])), decay)
         table = dominated_minimum(_time_grid(model, batches, max_tokens, repeats))
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_suffix(".tmp")
-            partial.write_text(json.dumps({"batches": batches, "table": table.tolist()}))
-            partial.replace(path)
+            write_text_atomic(path, json.dumps({"batches": batches, "table": table.tolist()}))
         return cls(batches, table, decay)
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import write_text_atomic
+
 ANSWERS_FORMAT = "respec-drafter-answers-v1"
 
 
@@ -29,14 +31,9 @@ class Example:
 
 def save_answers(path: str | os.PathLike, examples: list[Example], header: dict) -> None:
     """Write the answers atomically (a staging file renamed into place)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with staging.open("w") as f:
-        f.write(json.dumps({"format": ANSWERS_FORMAT, **header}) + "\n")
-        for ex in examples:
-            f.write(json.dumps({"tokens": ex.tokens.tolist(), "prompt_len": ex.prompt_len}) + "\n")
-    staging.replace(path)
+    lines = [json.dumps({"format": ANSWERS_FORMAT, **header})]
+    lines += [json.dumps({"tokens": ex.tokens.tolist(), "prompt_len": ex.prompt_len}) for ex in examples]
+    write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def load_answers(path: str | os.PathLike, count: int, vocab_size: int) -> tuple[list[Example], dict]:

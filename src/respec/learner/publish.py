@@ -14,8 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,6 +22,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from ..atomic import staged_dir
 
 
 @dataclass(frozen=True)
@@ -104,15 +104,10 @@ def save_snapshot(root: str | os.PathLike, snapshot: DrafterSnapshot) -> Path:
     final = root / f"v{snapshot.version:06d}"
     if final.exists():
         raise ValueError(f"publish: {final} already exists (versions are published once)")
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    try:
+    with staged_dir(final) as staging:
         save_file({n: t.contiguous() for n, t in snapshot.tensors.items()}, str(staging / "model.safetensors"))
         manifest = {"version": snapshot.version, "digest": snapshot.digest, "meta": snapshot.meta}
         (staging / "manifest.json").write_text(json.dumps(manifest))
-        os.replace(staging, final)  # the manifest is written last and the rename is atomic
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return final
 
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,10 +24,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..atomic import staged_dir
 from .config import ModelConfig
 from .decoder import MLP, DecoderLM, RMSNorm
 from .linear import Linear
-from .loading import _replace_dir
 from .rope import apply_rope
 
 EAGLE_ARCHITECTURE = "respec-eagle3"
@@ -144,17 +142,11 @@ class EagleHead(nn.Module):
     def save_pretrained(self, out_dir: str | os.PathLike, extra: dict | None = None) -> Path:
         """config.json + model.safetensors, written to a staging directory and renamed into place."""
         out = Path(out_dir)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        try:
+        with staged_dir(out) as staging:
             config = {"architecture": EAGLE_ARCHITECTURE, **asdict(self.config), **(extra or {})}
             (staging / "config.json").write_text(json.dumps(config, indent=2))
             tensors = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
             save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
-            _replace_dir(staging, out)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         return out
 
     @classmethod

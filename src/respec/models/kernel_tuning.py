@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..atomic import write_text_atomic
 from .linear import ROW_BUCKETS, Linear, eligible_kernels, run_kernel, set_kernel_choices
 from .presets import cache_dir
 
@@ -121,9 +122,6 @@ def _read_saved(path: Path) -> dict:
 
 def _write_saved(path: Path, data: dict) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_suffix(f".{os.getpid()}.tmp")
-        staging.write_text(json.dumps(data, indent=1, sort_keys=True))
-        staging.replace(path)
+        write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True))
     except OSError:
         pass  # a read-only cache directory only costs re-tuning in the next process

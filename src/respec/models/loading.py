@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +11,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..atomic import staged_dir
 from .config import ModelConfig, read_hf_config
 from .decoder import DecoderLM
 from .presets import resolve_preset
@@ -114,9 +113,7 @@ def save_pretrained(model: DecoderLM, out_dir: str | os.PathLike, tokenizer: Any
                     extra_config: dict[str, Any] | None = None) -> Path:
     """Write config.json + model.safetensors (+ tokenizer) atomically: the directory appears whole."""
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_dir(out) as staging:
         config = {**model.config.to_hf(), "torch_dtype": str(model.dtype).removeprefix("torch."),
                   **(extra_config or {})}
         (staging / "config.json").write_text(json.dumps(config, indent=2))
@@ -124,20 +121,4 @@ def save_pretrained(model: DecoderLM, out_dir: str | os.PathLike, tokenizer: Any
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
-        _replace_dir(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
-
-
-def _replace_dir(staging: Path, out: Path) -> None:
-    # rename() is atomic; an existing directory is moved aside first and deleted only afterwards.
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        staging.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(out)
