@@ -1,8 +1,9 @@
-"""Does kernel tuning pay? One decoder forward + LM head with the fixed kernel rule vs the tuned table.
+"""Does kernel tuning pay? One decoder forward + LM head with the fixed kernel rule vs tuned tables.
 
 For SmolLM2-135M (fp32, CPU) at each (batch, tokens per row) shape of a decode step (tokens > 1: a
-speculative verify), time the forward with ``fast_linear``'s fixed rule and with the choices of
-``tune_linear_kernels``, interleaved, and report the medians and their ratio.
+speculative verify), time the forward, interleaved, with ``fast_linear``'s fixed rule, with the
+choices of ``tune_linear_kernels`` among the BLAS kernels only, and with the compiled skinny kernel
+on offer too (when it builds here); report the medians and their ratios to the fixed rule.
 
     python benchmarks/kernel_tuning_ab.py --out kernel_tuning_ab.json
 """
@@ -12,12 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
+from pathlib import Path
+from unittest import mock
 
 import torch
 
 from respec.engine.cache import KVCache
-from respec.models import linear
+from respec.models import linear, native
 from respec.models.kernel_tuning import tune_linear_kernels
 from respec.models.loading import load_model
 
@@ -44,27 +48,35 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     model, _ = load_model(args.model)
-    tuned = tune_linear_kernels([model])
+    with tempfile.TemporaryDirectory() as tmp:
+        with mock.patch.object(native, "supports", lambda out_features: False), \
+                mock.patch.object(native, "available", lambda: False):
+            tables = {"fixed": {}, "blas": tune_linear_kernels([model], Path(tmp) / "blas.json")}
+        if native.available():
+            tables["skinny"] = tune_linear_kernels([model], Path(tmp) / "skinny.json")
     cache = KVCache(model.config, max(b for b, _ in SHAPES), CONTEXT + 16, model.dtype, model.device)
     prompt = torch.randint(0, 1000, (cache.keys[0].shape[0], CONTEXT))
     model(prompt, torch.arange(CONTEXT)[None].expand(prompt.shape[0], -1), cache=cache,
           rows=slice(0, prompt.shape[0]), kv_len=CONTEXT)
     rows = []
-    print(f"{'batch':>5}{'tokens':>7}{'fixed ms':>10}{'tuned ms':>10}{'ratio':>7}")
+    print(f"{'batch':>5}{'tokens':>7}" + "".join(f"{name + ' ms':>11}" for name in tables)
+          + "".join(f"{name + ' x':>10}" for name in list(tables)[1:]))
     for batch, tokens in SHAPES:
-        times = {"fixed": [], "tuned": []}
+        times: dict[str, list[float]] = {name: [] for name in tables}
         for _ in range(args.repeats):
             for name, samples in times.items():
                 linear.clear_kernel_choices()
-                if name == "tuned":
-                    linear.set_kernel_choices(tuned)
+                linear.set_kernel_choices(tables[name])
                 samples.append(time_forward(model, cache, batch, tokens, calls=8) * 1e3)
-        fixed, ours = statistics.median(times["fixed"]), statistics.median(times["tuned"])
-        rows.append({"batch": batch, "tokens": tokens, "fixed_ms": fixed, "tuned_ms": ours, "ratio": fixed / ours})
-        print(f"{batch:>5}{tokens:>7}{fixed:>10.1f}{ours:>10.1f}{fixed / ours:>7.2f}", flush=True)
-    linear.set_kernel_choices(tuned)
-    result = {"threads": torch.get_num_threads(), "choices": {f"{o}x{i}@{r}": k for (o, i, r), k in tuned.items()},
-              "rows": rows}
+        ms = {name: statistics.median(samples) for name, samples in times.items()}
+        rows.append({"batch": batch, "tokens": tokens, **{f"{name}_ms": v for name, v in ms.items()},
+                     **{f"{name}_speedup": ms["fixed"] / ms[name] for name in list(tables)[1:]}})
+        print(f"{batch:>5}{tokens:>7}" + "".join(f"{v:>11.1f}" for v in ms.values())
+              + "".join(f"{ms['fixed'] / ms[name]:>10.2f}" for name in list(tables)[1:]), flush=True)
+    best = tables[list(tables)[-1]]
+    linear.set_kernel_choices(best)
+    result = {"threads": torch.get_num_threads(), "native_kernel": native.available(),
+              "choices": {f"{o}x{i}@{r}": k for (o, i, r), k in best.items()}, "rows": rows}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from respec.models import kernel_tuning
+from respec.models import kernel_tuning, native
 from respec.models.linear import (
     KERNELS,
     ROW_BUCKETS,
@@ -58,7 +58,10 @@ def test_every_kernel_matches_f_linear(kernel):
 
 def test_odd_shapes_only_get_kernels_that_can_run_them():
     assert eligible_kernels(63, 47) == ("gemm",)
-    assert eligible_kernels(64, 47) == ("gemm", "n_split")
+    skinny = ("skinny",) if native.available() else ()
+    assert eligible_kernels(64, 47) == ("gemm", "n_split", *skinny)
+    assert eligible_kernels(64, 47, rows=native.MAX_ROWS + 1) == ("gemm", "n_split")
+    assert eligible_kernels(48, 47) == ("gemm", "n_split")  # not a whole number of column tiles
     assert eligible_kernels(63, 48) == ("gemm", "k_split")
 
 
@@ -84,7 +87,7 @@ def test_tuning_chooses_per_bucket_saves_and_reuses(tmp_path, monkeypatch):
     cache_file = tmp_path / "kernels.json"
     choices = kernel_tuning.tune_linear_kernels([_mid_sized()], cache_file=cache_file)
     assert set(choices) == {(512, 512, rows) for rows in ROW_BUCKETS}
-    assert all(kernel in eligible_kernels(512, 512) for kernel in choices.values())
+    assert all(kernel in eligible_kernels(512, 512, rows) for (_, _, rows), kernel in choices.items())
     assert kernel_choices() == choices
     saved = json.loads(cache_file.read_text())
     assert list(saved) == [kernel_tuning.machine_key(torch.float32)]
@@ -92,7 +95,7 @@ def test_tuning_chooses_per_bucket_saves_and_reuses(tmp_path, monkeypatch):
     # A new process (fresh in-memory state) reads the file instead of timing again.
     clear_kernel_choices()
     monkeypatch.setattr(kernel_tuning, "_known", {})
-    monkeypatch.setattr(kernel_tuning, "fastest_kernel", lambda *a: pytest.fail("timed again"))
+    monkeypatch.setattr(kernel_tuning, "fastest_kernels", lambda *a: pytest.fail("timed again"))
     assert kernel_tuning.tune_linear_kernels([_mid_sized()], cache_file=cache_file) == choices
 
 

@@ -21,14 +21,12 @@ import torch
 from torch import nn
 
 from ..atomic import write_text_atomic
-from .linear import ROW_BUCKETS, Linear, eligible_kernels, run_kernel, set_kernel_choices
+from . import native
+from .linear import KERNELS, ROW_BUCKETS, Linear, eligible_kernels, run_kernel, set_kernel_choices
 from .presets import cache_dir
 
 # Matrices smaller than this are tiny test models: their timings are noise and nothing to gain.
 MIN_MATRIX_BYTES = 256 * 1024
-# Per shape, time one pass over at most this many bytes of its matrices (enough to leave the caches
-# of a loaded machine, little enough that tuning SmolLM2-135M takes a few seconds once).
-PASS_BYTES = 48 * 1024 * 1024
 PASSES = 3
 DISABLE_ENV = "RESPEC_KERNEL_TUNING"
 # What this process has read or tuned, per cache file: engines built again skip the file.
@@ -49,7 +47,8 @@ def tunable_weights(modules: Iterable[nn.Module]) -> list[torch.Tensor]:
 
 def machine_key(dtype: torch.dtype) -> str:
     cpu = _cpu_model()
-    return f"{cpu}|threads={torch.get_num_threads()}|torch={torch.__version__}|{dtype}"
+    # The kernels on offer are part of the key: a table tuned without the compiled kernel is redone.
+    return f"{cpu}|threads={torch.get_num_threads()}|torch={torch.__version__}|{dtype}|native={native.available()}"
 
 
 def tune_linear_kernels(modules: Iterable[nn.Module], cache_file: Path | None = None) -> dict[tuple, str]:
@@ -66,40 +65,50 @@ def tune_linear_kernels(modules: Iterable[nn.Module], cache_file: Path | None = 
     if str(cache_file) not in _known:
         _known[str(cache_file)] = _read_saved(cache_file)
     saved = _known[str(cache_file)]
-    choices: dict[tuple, str] = {}
     changed = False
     with torch.no_grad():
-        for (out_features, in_features, dtype), weights in by_shape.items():
-            entry = saved.setdefault(machine_key(dtype), {})
-            for rows in ROW_BUCKETS:
-                name = f"{out_features}x{in_features}@{rows}"
-                if entry.get(name) not in eligible_kernels(out_features, in_features):
-                    entry[name] = fastest_kernel(weights, rows)
-                    changed = True
-                choices[(out_features, in_features, rows)] = entry[name]
+        for rows in ROW_BUCKETS:
+            untimed = {shape: weights for shape, weights in by_shape.items()
+                       if saved.get(machine_key(shape[2]), {}).get(_name(shape, rows))
+                       not in eligible_kernels(*shape[:2], rows)}
+            for shape, kernel in (fastest_kernels(untimed, rows) if untimed else {}).items():
+                saved.setdefault(machine_key(shape[2]), {})[_name(shape, rows)] = kernel
+                changed = True
     if changed:
         _write_saved(cache_file, saved)
+    choices = {(*shape[:2], rows): saved[machine_key(shape[2])][_name(shape, rows)]
+               for shape in by_shape for rows in ROW_BUCKETS}
     set_kernel_choices(choices)
     return choices
 
 
-def fastest_kernel(weights: list[torch.Tensor], rows: int) -> str:
-    """The eligible kernel with the shortest best-of-``PASSES`` time over the weights."""
-    out_features, in_features = weights[0].shape
-    per_matrix = weights[0].numel() * weights[0].element_size()
-    group = weights[: max(1, PASS_BYTES // per_matrix)]
-    x = torch.randn(rows, in_features, dtype=weights[0].dtype)
-    kernels = eligible_kernels(out_features, in_features)
-    for kernel in kernels:  # warm-up: first-call allocations and kernel selection
-        run_kernel(kernel, x, group[0])
-    best = {kernel: float("inf") for kernel in kernels}
+def _name(shape: tuple[int, int, torch.dtype], rows: int) -> str:
+    return f"{shape[0]}x{shape[1]}@{rows}"
+
+
+def fastest_kernels(groups: dict[tuple, list[torch.Tensor]], rows: int) -> dict[tuple, str]:
+    """Per shape, the eligible kernel with the shortest best-of-``PASSES`` time over its weights.
+
+    A forward pass streams every weight of the model once, so a matrix is never still in the caches
+    when its turn comes (unless the whole model fits in them). The timings reproduce that: each kernel
+    runs over every shape's weights in turn before the next kernel, so between two timings of a shape
+    all the other weights are read. Timing one shape's weights over and over instead kept them in a
+    large L3 and chose compute-bound kernels that lose when the weights come from DRAM."""
+    inputs = {shape: torch.randn(rows, shape[1], dtype=shape[2]) for shape in groups}
+    eligible = {shape: eligible_kernels(*shape[:2], rows) for shape in groups}
+    for shape, weights in groups.items():  # warm-up: first-call allocations and kernel selection
+        for kernel in eligible[shape]:
+            run_kernel(kernel, inputs[shape], weights[0])
+    best = {(shape, kernel): float("inf") for shape in groups for kernel in eligible[shape]}
     for _ in range(PASSES):
-        for kernel in kernels:
-            start = time.perf_counter()
-            for weight in group:
-                run_kernel(kernel, x, weight)
-            best[kernel] = min(best[kernel], time.perf_counter() - start)
-    return min(best, key=best.get)
+        for kernel in KERNELS:
+            for shape, weights in groups.items():
+                if kernel in eligible[shape]:
+                    start = time.perf_counter()
+                    for weight in weights:
+                        run_kernel(kernel, inputs[shape], weight)
+                    best[shape, kernel] = min(best[shape, kernel], time.perf_counter() - start)
+    return {shape: min(eligible[shape], key=lambda kernel: best[shape, kernel]) for shape in groups}
 
 
 def _cpu_model() -> str:

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
+
 # Up to this many rows the split matmuls can beat MKL's plain GEMM on CPU; beyond it, the work is
 # compute bound and one large GEMM is best.
 SPLIT_MAX_ROWS = 48
@@ -24,7 +26,7 @@ SPLIT_MAX_ROWS = 48
 # weight) beat splitting the output columns for the layer matrices on the first machine measured.
 K_SPLIT_MAX_ROWS = 4
 
-KERNELS = ("gemm", "k_split", "n_split")
+KERNELS = ("gemm", "k_split", "n_split", "skinny")
 # Row counts the tuner times; a call with r rows uses the choice made for the largest bucket <= r.
 ROW_BUCKETS = (1, 2, 3, 5, 8, 16, 32, 48)
 _BUCKET_OF = [max((b for b in ROW_BUCKETS if b <= rows), default=1) for rows in range(SPLIT_MAX_ROWS + 1)]
@@ -46,13 +48,16 @@ def _num_splits(out_features: int) -> int:
     return 2 if out_features % 2 == 0 else 1
 
 
-def eligible_kernels(out_features: int, in_features: int) -> tuple[str, ...]:
-    """The kernels that can run a weight of this shape (the splits need even dimensions)."""
+def eligible_kernels(out_features: int, in_features: int, rows: int | None = None) -> tuple[str, ...]:
+    """The kernels that can run a weight of this shape (the splits need even dimensions), for
+    ``rows`` rows when given (the compiled kernel takes at most ``native.MAX_ROWS``)."""
     kernels = ["gemm"]
     if in_features % 2 == 0:
         kernels.append("k_split")
     if _num_splits(out_features) > 1:
         kernels.append("n_split")
+    if (rows is None or rows <= native.MAX_ROWS) and native.supports(out_features):
+        kernels.append("skinny")
     return tuple(kernels)
 
 
@@ -86,6 +91,11 @@ def clear_kernel_choices() -> None:
 def run_kernel(kernel: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T (+ bias)`` for a column-major CPU ``weight`` with the named kernel."""
     out_features, in_features = weight.shape
+    if kernel == "skinny" and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        out = native.skinny_matmul(x, weight)
+        if out is not None:
+            return out if bias is None else out + bias
+        kernel = "gemm"  # a call the compiled kernel does not take (dtype, rows); no autograd through it
     if kernel == "gemm":
         return F.linear(x, weight, bias)
     rows = x.numel() // in_features
@@ -105,7 +115,7 @@ def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         return F.linear(x, weight, bias)
     out_features, in_features = weight.shape
     kernel = _chosen.get((out_features, in_features, _BUCKET_OF[rows]))
-    if kernel is None:
+    if kernel is None or (kernel == "skinny" and rows > native.MAX_ROWS):
         kernel = default_kernel(rows, out_features, in_features)
     return run_kernel(kernel, x, weight, bias)
 

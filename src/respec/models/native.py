@@ -1,0 +1,109 @@
+"""The compiled small-batch matmul (``skinny_matmul.c``), built once per machine with the system C compiler.
+
+It is one more kernel for ``fast_linear`` to choose from: kernel_tuning times it against the BLAS
+kernels on the model's own weights and keeps it only where it is faster. When it cannot be built
+(no C compiler, not Linux, ``RESPEC_NATIVE_KERNELS=0``) everything runs as before. It links the
+OpenMP runtime torch ships, so both share one thread pool and ``torch.set_num_threads`` applies.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from .presets import cache_dir
+
+SOURCE = Path(__file__).with_name("skinny_matmul.c")
+DISABLE_ENV = "RESPEC_NATIVE_KERNELS"
+MAX_ROWS = 8
+COLUMN_MULTIPLE = 32  # output features must be a multiple of the narrowest column tile
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "lib": the loaded library or None once a build was tried
+
+
+def available() -> bool:
+    return _library() is not None
+
+
+def supports(out_features: int) -> bool:
+    """Whether a weight with this many output features can use the kernel on this machine."""
+    return out_features % COLUMN_MULTIPLE == 0 and available()
+
+
+def skinny_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """``x @ weight.T`` for a column-major fp32 CPU ``weight`` and at most ``MAX_ROWS`` rows of ``x``;
+    None when the kernel cannot run this call (the caller uses another kernel)."""
+    lib = _library()
+    out_features, in_features = weight.shape
+    rows = x.numel() // in_features
+    if lib is None or not 1 <= rows <= MAX_ROWS or x.dtype != torch.float32 or weight.dtype != torch.float32 \
+            or x.device.type != "cpu" or not weight.t().is_contiguous():
+        return None
+    flat = x.reshape(rows, in_features).contiguous()
+    out = torch.empty(rows, out_features, dtype=torch.float32)
+    if lib.skinny_matmul(flat.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, in_features, out_features):
+        return None
+    return out.reshape(*x.shape[:-1], out_features)
+
+
+def _library() -> ctypes.CDLL | None:
+    if "lib" in _state:
+        return _state["lib"]  # type: ignore[return-value]
+    with _lock:
+        if "lib" not in _state:
+            _state["lib"] = _load() if os.environ.get(DISABLE_ENV, "1") != "0" else None
+    return _state["lib"]  # type: ignore[return-value]
+
+
+def _load() -> ctypes.CDLL | None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if platform.system() != "Linux" or compiler is None:
+        return None
+    command = [compiler, "-O3", "-march=native", "-shared", "-fPIC", *_openmp_flags()]
+    tag = hashlib.sha256((SOURCE.read_text() + " ".join(command) + _cpu_flags()).encode()).hexdigest()[:16]
+    path = cache_dir() / "native" / f"skinny_matmul-{tag}.so"
+    try:
+        if not path.is_file():
+            _build(command, path)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError):
+        return None  # no working compiler or an unwritable cache: the BLAS kernels serve alone
+    lib.skinny_matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3
+    lib.skinny_matmul.restype = ctypes.c_int
+    return lib
+
+
+def _build(command: list[str], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        staging = Path(tmp) / path.name
+        subprocess.run([*command, str(SOURCE), "-o", str(staging)], check=True, capture_output=True, timeout=120)
+        staging.replace(path)
+
+
+def _openmp_flags() -> list[str]:
+    # Link the libgomp torch loaded (same soname), never a second OpenMP runtime; without one the
+    # kernel runs on one thread and the tuner will rarely pick it.
+    torch_lib = Path(torch.__file__).parent / "lib"
+    runtimes = sorted(torch_lib.glob("libgomp*.so*"))
+    if not runtimes:
+        return []
+    return ["-fopenmp", f"-L{torch_lib}", f"-l:{runtimes[0].name}", f"-Wl,-rpath,{torch_lib}"]
+
+
+def _cpu_flags() -> str:
+    # -march=native code is only valid on this CPU: a cache shared between machines must not mix them.
+    try:
+        first_cpu = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    except OSError:
+        return platform.processor()
+    return "\n".join(line for line in first_cpu.splitlines() if line.startswith(("flags", "Features", "model name")))

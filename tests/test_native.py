@@ -1,0 +1,72 @@
+"""The compiled small-batch matmul: same product as F.linear wherever it runs, a clean None where it
+does not, no autograd surprises, and an off switch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from respec.models import native
+from respec.models.linear import run_kernel
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: the compiled kernel is not built")
+
+
+def _col_major(out_features: int, in_features: int) -> torch.Tensor:
+    return torch.randn(out_features, in_features).t().contiguous().t()
+
+
+@pytest.mark.parametrize("out_features", [32, 64, 96, 1024, 2048])  # narrow and wide column tiles
+@pytest.mark.parametrize("in_features", [1, 7, 576])
+def test_matches_f_linear_for_every_row_count(out_features, in_features):
+    torch.manual_seed(out_features + in_features)
+    weight = _col_major(out_features, in_features)
+    for rows in range(1, native.MAX_ROWS + 1):
+        x = torch.randn(rows, in_features)
+        torch.testing.assert_close(native.skinny_matmul(x, weight), F.linear(x, weight), atol=1e-4, rtol=1e-5)
+    # Leading dimensions are kept and a non-contiguous input is fine.
+    x = torch.randn(in_features, 2, 3).permute(1, 2, 0)
+    torch.testing.assert_close(native.skinny_matmul(x, weight), F.linear(x, weight), atol=1e-4, rtol=1e-5)
+
+
+def test_the_same_result_on_one_thread():
+    weight, x = _col_major(1024, 64), torch.randn(5, 64)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = native.skinny_matmul(x, weight)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(single, native.skinny_matmul(x, weight), atol=0, rtol=0)
+
+
+def test_calls_it_does_not_take_return_none():
+    weight = _col_major(64, 16)
+    assert native.skinny_matmul(torch.randn(native.MAX_ROWS + 1, 16), weight) is None
+    assert native.skinny_matmul(torch.randn(2, 16).bfloat16(), weight.bfloat16()) is None
+    assert native.skinny_matmul(torch.randn(2, 16), weight.contiguous()) is None  # row-major weight
+    assert native.skinny_matmul(torch.randn(2, 16), _col_major(48, 16)) is None  # not whole column tiles
+
+
+def test_training_falls_back_to_autograd():
+    weight = _col_major(64, 16).requires_grad_()
+    x = torch.randn(3, 16)
+    run_kernel("skinny", x, weight).square().sum().backward()
+    expected = torch.autograd.grad(F.linear(x, weight).square().sum(), weight)[0]
+    torch.testing.assert_close(weight.grad, expected)
+    with torch.no_grad():  # inference through the compiled kernel, bias added after
+        bias = torch.randn(64)
+        torch.testing.assert_close(run_kernel("skinny", x, weight, bias), F.linear(x, weight, bias), atol=1e-4,
+                                   rtol=1e-5)
+
+
+def test_the_off_switch():
+    env = {**os.environ, native.DISABLE_ENV: "0"}
+    code = "from respec.models import native; print(native.available())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
