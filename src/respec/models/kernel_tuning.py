@@ -1,9 +1,9 @@
 """Time the small-batch matmul kernels on the model's own weights and keep the fastest per shape.
 
 The best kernel for a few rows times a weight matrix differs between CPUs (see linear.py), so the
-engine times each candidate once per machine: for every weight shape of the model and every row
-bucket, one pass over the model's matrices of that shape (so the weights stream from memory as in a
-real decode step), candidates interleaved, best of a few passes. Choices are saved per machine in
+engine times each candidate once per machine: for every row bucket, each kernel runs over every
+weight shape's matrices in turn (so each timing starts with its weights out of the caches, as in a
+real decode step), best of a few passes. Choices are saved per machine in
 the cache directory and installed into ``fast_linear``'s table. GPUs never use this path.
 """
 

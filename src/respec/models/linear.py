@@ -4,7 +4,8 @@ Decoding multiplies a few rows by every weight matrix, so it is bound by how fas
 from memory. Which kernel streams fastest depends on the CPU: on one machine MKL's GEMM with a
 handful of rows ran on one core (12-13 GB/s) while splitting the output columns or the reduction
 into a batched matmul kept both cores streaming (21-31 GB/s); on another the plain GEMM over the
-column-major weight was the fastest. So ``fast_linear`` picks per weight shape and row count from a
+column-major weight was the fastest, except at 2-8 rows where a compiled kernel (native.py) that
+streams the weight once beat MKL's GEMM. So ``fast_linear`` picks per weight shape and row count from a
 table the engine fills by timing the candidates on the model's own weights (kernel_tuning.py), with
 a fixed rule for shapes not timed. The parameter
 keeps the usual ``[out_features, in_features]`` shape, only its memory is column-major, so the
