@@ -45,7 +45,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
     result = {"threads": torch.get_num_threads(), "read_bandwidth_gb_s": measure_read_bandwidth() / 1e9, "rows": []}
     print(f"read bandwidth {result['read_bandwidth_gb_s']:.1f} GB/s, {result['threads']} threads")
-    print(f"{'matrix':<9}{'M':>4}{'F.linear':>10}{'gemm':>8}{'k_split':>9}{'n_split':>9}  (GB/s)")
+    print(f"{'matrix':<9}{'M':>4}{'F.linear':>10}{'gemm':>8}{'k_split':>9}{'n_split':>9}{'skinny':>8}  (GB/s)")
     for name, (out_f, in_f) in SHAPES.items():
         copies = max(2, 300_000_000 // (out_f * in_f * 4))  # > 256 MB: far beyond most caches
         row_major = [torch.randn(out_f, in_f) for _ in range(copies)]
@@ -53,11 +53,11 @@ def main() -> None:
         for m in (int(v) for v in args.rows.split(",")):
             x = torch.randn(m, in_f)
             speeds = {"f_linear": stream_gb_s(F.linear, row_major, x)}
-            for kernel in eligible_kernels(out_f, in_f):
+            for kernel in eligible_kernels(out_f, in_f, m):
                 speeds[kernel] = stream_gb_s(lambda x, w, kernel=kernel: run_kernel(kernel, x, w), col_major, x)
             result["rows"].append({"matrix": name, "shape": [out_f, in_f], "rows": m, "gb_s": speeds})
             cells = "".join(f"{speeds.get(k, float('nan')):>{w}.1f}" for k, w in
-                            (("f_linear", 10), ("gemm", 8), ("k_split", 9), ("n_split", 9)))
+                            (("f_linear", 10), ("gemm", 8), ("k_split", 9), ("n_split", 9), ("skinny", 8)))
             print(f"{name:<9}{m:>4}{cells}", flush=True)
         del row_major, col_major
     if args.out:
