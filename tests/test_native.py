@@ -70,3 +70,26 @@ def test_the_off_switch():
     code = "from respec.models import native; print(native.available())"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("dim", [1, 17, 64, 576])
+def test_rms_norm_matches_the_pytorch_module(dim):
+    from respec.models.decoder import RMSNorm
+
+    torch.manual_seed(dim)
+    norm = RMSNorm(dim, 1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+    for shape in [(1, dim), (3, 5, dim), (70, dim)]:  # 70 rows: the multi-threaded path
+        x = torch.randn(*shape) * 3
+        with torch.no_grad():
+            fused = native.rms_norm(x, norm.weight, norm.eps)
+            reference = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps))
+            torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(norm(x), fused, atol=0, rtol=0)  # the module takes the fused path
+    # Training keeps autograd: no compiled call when a gradient is wanted.
+    x = torch.randn(2, dim, requires_grad=True)
+    assert native.rms_norm(x, norm.weight, norm.eps) is None
+    norm(x).sum().backward()
+    assert x.grad is not None and norm.weight.grad is not None
+    assert native.rms_norm(torch.randn(2, dim).double(), norm.weight.double(), 1e-5) is None

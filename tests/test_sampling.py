@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import numpy as np
 import pytest
 import torch
 
+from respec.audit import chi_square_p_value as audit_chi_square
+from respec.audit import p_value
 from respec.engine import rng
 from respec.engine.sampling import RowParams, filter_top_k_top_p, processed_logprobs, sample, sample_tokens
 
@@ -57,18 +58,11 @@ def reference_keep(row: torch.Tensor, top_k: int, top_p: float) -> tuple[set[int
 
 
 def chi_square_p_value(counts: np.ndarray, expected: np.ndarray) -> float:
-    """Goodness-of-fit p-value, cells with expected count < 5 pooled; scipy if present, else Wilson-Hilferty."""
-    small = expected < 5
-    obs = np.append(counts[~small], counts[small].sum()) if small.any() else counts
-    exp = np.append(expected[~small], expected[small].sum()) if small.any() else expected
-    keep = exp > 0
-    obs, exp = obs[keep], exp[keep]
-    stat, dof = float(((obs - exp) ** 2 / exp).sum()), len(exp) - 1
-    if importlib.util.find_spec("scipy") is not None:
-        from scipy.stats import chi2
-        return float(chi2.sf(stat, dof))
-    z = ((stat / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))
-    return 0.5 * math.erfc(z / math.sqrt(2))
+    """Goodness-of-fit p-value with the audit's pooling (rare cells pooled until the pool expects >= 5;
+    a sample where nothing was expected gives p = 0)."""
+    chi2, dof = audit_chi_square(torch.from_numpy(np.asarray(counts, dtype=np.float64)),
+                                 torch.from_numpy(np.asarray(expected, dtype=np.float64)))
+    return p_value(chi2, dof)
 
 
 def empirical_check(tokens: torch.Tensor, expected_probs: torch.Tensor) -> tuple[float, float]:

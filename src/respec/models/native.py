@@ -1,9 +1,12 @@
-"""The compiled small-batch matmul (``skinny_matmul.c``), built once per machine with the system C compiler.
+"""Compiled CPU kernels for decoding, built once per machine with the system C compiler.
 
-It is one more kernel for ``fast_linear`` to choose from: kernel_tuning times it against the BLAS
-kernels on the model's own weights and keeps it only where it is faster. When it cannot be built
-(no C compiler, not Linux, ``RESPEC_NATIVE_KERNELS=0``) everything runs as before. It links the
-OpenMP runtime torch ships, so both share one thread pool and ``torch.set_num_threads`` applies.
+``skinny_matmul.c``: the small-batch matmul, one more kernel for ``fast_linear`` to choose from
+(kernel_tuning times it against the BLAS kernels on the model's own weights and keeps it only where
+it is faster). ``rms_norm.c``: RMSNorm in one call instead of ~7 small ops. Both are inference-only:
+calls that need autograd, other dtypes or devices get ``None`` and run the PyTorch code. When the
+library cannot be built (no C compiler, not Linux, ``RESPEC_NATIVE_KERNELS=0``) everything runs as
+before. It links the OpenMP runtime torch ships, so both share one thread pool and
+``torch.set_num_threads`` applies.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 
 from .presets import cache_dir
 
-SOURCE = Path(__file__).with_name("skinny_matmul.c")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("skinny_matmul.c", "rms_norm.c"))
 DISABLE_ENV = "RESPEC_NATIVE_KERNELS"
 MAX_ROWS = 8
 COLUMN_MULTIPLE = 32  # output features must be a multiple of the narrowest column tile
@@ -55,6 +58,19 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     return out.reshape(*x.shape[:-1], out_features)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """``weight * (x / sqrt(mean(x**2, -1) + eps))`` for fp32 CPU tensors outside autograd; None otherwise."""
+    lib = _library()
+    if lib is None or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu" \
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) \
+            or not weight.is_contiguous() or x.shape[-1] != weight.shape[0]:
+        return None
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    lib.rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps)
+    return out
+
+
 def _library() -> ctypes.CDLL | None:
     if "lib" in _state:
         return _state["lib"]  # type: ignore[return-value]
@@ -69,8 +85,9 @@ def _load() -> ctypes.CDLL | None:
     if platform.system() != "Linux" or compiler is None:
         return None
     command = [compiler, "-O3", "-march=native", "-shared", "-fPIC", *_openmp_flags()]
-    tag = hashlib.sha256((SOURCE.read_text() + " ".join(command) + _cpu_flags()).encode()).hexdigest()[:16]
-    path = cache_dir() / "native" / f"skinny_matmul-{tag}.so"
+    sources = "".join(source.read_text() for source in SOURCES)
+    tag = hashlib.sha256((sources + " ".join(command) + _cpu_flags()).encode()).hexdigest()[:16]
+    path = cache_dir() / "native" / f"respec_kernels-{tag}.so"
     try:
         if not path.is_file():
             _build(command, path)
@@ -79,6 +96,8 @@ def _load() -> ctypes.CDLL | None:
         return None  # no working compiler or an unwritable cache: the BLAS kernels serve alone
     lib.skinny_matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3
     lib.skinny_matmul.restype = ctypes.c_int
+    lib.rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2 + [ctypes.c_float]
+    lib.rms_norm.restype = None
     return lib
 
 
@@ -86,7 +105,8 @@ def _build(command: list[str], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         staging = Path(tmp) / path.name
-        subprocess.run([*command, str(SOURCE), "-o", str(staging)], check=True, capture_output=True, timeout=120)
+        subprocess.run([*command, *map(str, SOURCES), "-lm", "-o", str(staging)], check=True, capture_output=True,
+                       timeout=120)
         staging.replace(path)
 
 
