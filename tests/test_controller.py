@@ -160,6 +160,19 @@ def test_exploration_skips_arms_predicted_far_below_the_best():
     assert any(arm.drafter is not None for arm in feed(wide, 64, 200, accepted=0)[-100:])
 
 
+def test_a_drafter_that_sat_out_long_stays_explorable():
+    """Its catch-up cost grows with every step it sits out; exploration judges it without that cost,
+    or a good drafter once passed over would never run again."""
+    ctl = controller("epsilon", drafters={"eagle": "target"}, epsilon=1.0)
+    for _ in range(20):
+        ctl.acceptance["eagle"].record(np.full(4, 2), 2)  # two drafts of two accepted, every time
+    ctl.missed["eagle"] = 500
+    eagle = Arm("eagle", 2)
+    assert ctl.goodput(eagle, 4) < 0.5 * ctl.goodput(OFF, 4)
+    assert ctl.goodput(eagle, 4, switching=False) > ctl.goodput(OFF, 4)
+    assert any(ctl.choose(4).drafter == "eagle" for _ in range(50))
+
+
 def test_a_new_drafter_version_relaxes_its_acceptance_estimate():
     ctl = controller()
     feed(ctl, 2, 60, accepted=0)  # the old version was never accepted

@@ -192,13 +192,19 @@ class AdaptiveController:
     def expected_emitted(self, arm: Arm) -> float:
         return 1.0 if arm.drafter is None else self.acceptance[arm.drafter].expected_emitted(arm.k)
 
-    def goodput(self, arm: Arm, batch: int) -> float:
-        seconds = self.predicted_time(arm, batch) + self.switch_time(arm, batch) / self.config.switch_horizon
+    def goodput(self, arm: Arm, batch: int, switching: bool = True) -> float:
+        """Predicted emitted tokens per second; ``switching``: with the arm's catch-up cost spread in."""
+        seconds = self.predicted_time(arm, batch)
+        if switching:
+            seconds += self.switch_time(arm, batch) / self.config.switch_horizon
         return batch * self.expected_emitted(arm) / max(seconds, 1e-9)
 
     def choose(self, batch: int) -> Arm:
         greedy = np.array([self.goodput(arm, batch) for arm in self.arms])
-        near = greedy >= (1 - self.config.explore_margin) * greedy.max()  # arms worth exploring
+        # Arms worth exploring: judged without their catch-up cost, which grows with every step a
+        # drafter sits out; judged with it, a drafter once passed over could never be tried again.
+        steady = np.array([self.goodput(arm, batch, switching=False) for arm in self.arms])
+        near = steady >= (1 - self.config.explore_margin) * greedy.max()
         scores = greedy
         if self.config.explore == "ucb":
             uses = np.array([self.uses[arm] for arm in self.arms], dtype=np.float64)
