@@ -6,8 +6,9 @@ and the tokens it emits (per-position acceptance rates of each drafter, exponent
 stale drafter loses its place by itself), and takes the arm with the highest goodput: emitted tokens
 per second. Switching a drafter on after it sat out costs a catch-up pass, spread over
 ``switch_horizon`` steps in the comparison. Optional exploration (epsilon-greedy or UCB) keeps the
-estimates of unused arms alive, but only among arms predicted within ``explore_margin`` of the best:
-an arm known to lose by far is not paid for again and again (where speculation never pays, as on a
+estimates of unused arms alive, but only among arms predicted within ``explore_margin`` of the best
+(judged without their catch-up cost, which grows while a drafter sits out): an arm known to lose by
+far is not paid for again and again (where speculation never pays, as on a
 small CPU, exploring it is pure cost). When a drafter's weights change (the online learner published
 a new version) its acceptance estimate is relaxed towards the prior, so the new version gets tried.
 The random draws come from a seeded generator, so the choices are a deterministic function of the
