@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from respec.cli import build_parser, main
@@ -53,3 +55,12 @@ def test_bad_batch_sizes_are_refused_by_the_parser(value, capsys):
         build_parser().parse_args(["bench", "--batch-sizes", value])
     assert exit_info.value.code == 2
     assert "--batch-sizes" in capsys.readouterr().err
+
+
+def test_bench_results_are_written_into_a_folder_that_does_not_exist_yet(tmp_path, capsys):
+    from respec.cli import _report
+
+    out = tmp_path / "runs" / "new" / "bench.json"
+    assert _report("table", {"rows": [1]}, str(out)) == 0
+    assert json.loads(out.read_text()) == {"rows": [1]}
+    assert "wrote" in capsys.readouterr().out

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import write_text_atomic
 from .bench import load_questions, run_header, timed_fresh_generate
 from .engine.controller import ControllerConfig, summarize_trace
 from .engine.drafters import make_drafters
@@ -218,4 +219,4 @@ def format_adaptive_table(result: dict) -> str:
 
 
 def write_json(result: dict, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(result, indent=2))
+    write_text_atomic(path, json.dumps(result, indent=2))

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from .atomic import write_text_atomic
 from .models.presets import DEFAULT_MODEL
 from .rl.tasks import TASK_NAMES
 
@@ -64,8 +65,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _report(table: str, result: dict, out: str | None) -> int:
     print(table)
-    if out:
-        Path(out).write_text(json.dumps(result, indent=2))
+    if out:  # parents are created: a long benchmark must not be lost to a missing folder
+        write_text_atomic(out, json.dumps(result, indent=2))
         print(f"wrote {out}")
     return 0
 
