@@ -195,16 +195,20 @@ class AdaptiveController:
 
     def goodput(self, arm: Arm, batch: int, switching: bool = True) -> float:
         """Predicted emitted tokens per second; ``switching``: with the arm's catch-up cost spread in."""
-        seconds = self.predicted_time(arm, batch)
-        if switching:
-            seconds += self.switch_time(arm, batch) / self.config.switch_horizon
-        return batch * self.expected_emitted(arm) / max(seconds, 1e-9)
+        with_switch, steady = self._goodputs([arm], batch)
+        return float(with_switch[0] if switching else steady[0])
+
+    def _goodputs(self, arms: list[Arm], batch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Goodput of each arm with and without its catch-up cost, each term computed once."""
+        tokens = batch * np.array([self.expected_emitted(arm) for arm in arms])
+        seconds = np.array([self.predicted_time(arm, batch) for arm in arms])
+        switch = np.array([self.switch_time(arm, batch) for arm in arms]) / self.config.switch_horizon
+        return tokens / np.maximum(seconds + switch, 1e-9), tokens / np.maximum(seconds, 1e-9)
 
     def choose(self, batch: int) -> Arm:
-        greedy = np.array([self.goodput(arm, batch) for arm in self.arms])
-        # Arms worth exploring: judged without their catch-up cost, which grows with every step a
+        # Arms worth exploring are judged without their catch-up cost, which grows with every step a
         # drafter sits out; judged with it, a drafter once passed over could never be tried again.
-        steady = np.array([self.goodput(arm, batch, switching=False) for arm in self.arms])
+        greedy, steady = self._goodputs(self.arms, batch)
         near = steady >= (1 - self.config.explore_margin) * greedy.max()
         scores = greedy
         if self.config.explore == "ucb":

@@ -65,19 +65,19 @@ def tune_linear_kernels(modules: Iterable[nn.Module], cache_file: Path | None = 
     if str(cache_file) not in _known:
         _known[str(cache_file)] = _read_saved(cache_file)
     saved = _known[str(cache_file)]
+    keys = {dtype: machine_key(dtype) for dtype in {shape[2] for shape in by_shape}}  # reads /proc/cpuinfo
+    entries = {shape: saved.setdefault(keys[shape[2]], {}) for shape in by_shape}
     changed = False
     with torch.no_grad():
         for rows in ROW_BUCKETS:
             untimed = {shape: weights for shape, weights in by_shape.items()
-                       if saved.get(machine_key(shape[2]), {}).get(_name(shape, rows))
-                       not in eligible_kernels(*shape[:2], rows)}
+                       if entries[shape].get(_name(shape, rows)) not in eligible_kernels(*shape[:2], rows)}
             for shape, kernel in (fastest_kernels(untimed, rows) if untimed else {}).items():
-                saved.setdefault(machine_key(shape[2]), {})[_name(shape, rows)] = kernel
+                entries[shape][_name(shape, rows)] = kernel
                 changed = True
     if changed:
         _write_saved(cache_file, saved)
-    choices = {(*shape[:2], rows): saved[machine_key(shape[2])][_name(shape, rows)]
-               for shape in by_shape for rows in ROW_BUCKETS}
+    choices = {(*shape[:2], rows): entries[shape][_name(shape, rows)] for shape in by_shape for rows in ROW_BUCKETS}
     set_kernel_choices(choices)
     return choices
 

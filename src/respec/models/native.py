@@ -48,8 +48,10 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     lib = _library()
     out_features, in_features = weight.shape
     rows = x.numel() // in_features
+    # A stride check, not ``weight.t().is_contiguous()``: no view op on every decode-step matmul.
     if lib is None or not 1 <= rows <= MAX_ROWS or x.dtype != torch.float32 or weight.dtype != torch.float32 \
-            or x.device.type != "cpu" or not weight.t().is_contiguous():
+            or x.device.type != "cpu" or weight.stride(0) != 1 \
+            or (in_features > 1 and weight.stride(1) != out_features):
         return None
     flat = x.reshape(rows, in_features).contiguous()
     out = torch.empty(rows, out_features, dtype=torch.float32)
