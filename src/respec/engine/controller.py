@@ -25,7 +25,7 @@ import numpy as np
 from .cost_model import CostModel
 from .speculative import MAX_DRAFT_TOKENS
 
-EXPLORATION = ("none", "epsilon", "ucb")
+EXPLORATION = ("none", "epsilon", "ucb", "thompson")
 
 
 @dataclass(frozen=True)
@@ -46,9 +46,12 @@ class ControllerConfig:
     max_draft_tokens: int = 8  # arms use k in 1..max_draft_tokens (or ``k_choices``)
     k_choices: tuple[int, ...] | None = None
     allow_off: bool = True
-    acceptance_decay: float = 0.95  # per step: weight of the past in the acceptance estimates
+    # Row-steps over which the acceptance estimates forget (time constant): a step of b rows keeps
+    # exp(-b / acceptance_memory) of the past, so a batch-1 step, one noisy observation, moves them little.
+    acceptance_memory: float = 64.0
     cost_decay: float = 0.8  # per measurement: weight of the past in the cost corrections
     prior_acceptance: float = 0.6  # per-position acceptance assumed before a drafter is measured
+    prior_weight: float = 1.0  # row-steps of evidence the prior counts as
     explore: str = "epsilon"
     epsilon: float = 0.02
     explore_margin: float = 0.25  # explore only arms whose predicted goodput is within this share of the best
@@ -69,9 +72,12 @@ class ControllerConfig:
             bad = [k for k in self.k_choices if not isinstance(k, int) or not 1 <= k <= self.max_draft_tokens]
             if bad:
                 raise ValueError(f"k_choices: {bad} outside [1, max_draft_tokens={self.max_draft_tokens}]")
-        for name in ("acceptance_decay", "cost_decay"):
-            if not 0 < getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be in (0, 1), got {getattr(self, name)}")
+        if not 0 < self.cost_decay < 1:
+            raise ValueError(f"cost_decay: must be in (0, 1), got {self.cost_decay}")
+        if not self.acceptance_memory > 0:
+            raise ValueError(f"acceptance_memory: must be > 0 row-steps, got {self.acceptance_memory}")
+        if not self.prior_weight > 0:
+            raise ValueError(f"prior_weight: must be > 0 row-steps, got {self.prior_weight}")
         if not 0 < self.prior_acceptance < 1:
             raise ValueError(f"prior_acceptance: must be in (0, 1), got {self.prior_acceptance}")
         if self.explore not in EXPLORATION:
@@ -105,19 +111,28 @@ class AcceptanceEstimate:
 
     Position i's rate is accepted-at-i / reached-i, where a row reaches i when it accepted all drafts
     before i (a row offered fewer drafts counts as a rejection, so short n-gram matches are priced in).
+    The past fades per observed row, not per step: ``memory`` row-steps is the time constant whatever
+    the batch, so the estimate is as steady at batch 1 as at batch 64.
     """
 
-    def __init__(self, max_k: int, decay: float, prior: float) -> None:
-        self.decay, self.prior = decay, prior
+    def __init__(self, max_k: int, memory: float, prior: float, prior_weight: float = 1.0) -> None:
+        self.memory, self.prior, self.prior_weight = memory, prior, prior_weight
         self.accepted = np.zeros(max_k)
         self.reached = np.zeros(max_k)
 
     def rates(self) -> np.ndarray:
-        return (self.accepted + self.prior) / (self.reached + 1.0)  # one pseudo-observation of the prior
+        """The posterior means: the prior counts as ``prior_weight`` observations."""
+        return (self.accepted + self.prior * self.prior_weight) / (self.reached + self.prior_weight)
 
-    def expected_emitted(self, k: int) -> float:
+    def sample_rates(self, rng: np.random.Generator) -> np.ndarray:
+        """One draw of the rates from their Beta posteriors (Thompson sampling)."""
+        hits = self.accepted + self.prior * self.prior_weight
+        misses = np.maximum(self.reached - self.accepted, 0.0) + (1 - self.prior) * self.prior_weight
+        return rng.beta(hits, misses)
+
+    def expected_emitted(self, k: int, rates: np.ndarray | None = None) -> float:
         """Tokens per row per step: 1 + sum over j <= k of P(the first j drafts are all accepted)."""
-        return 1.0 + float(np.cumprod(self.rates()[:k]).sum())
+        return 1.0 + float(np.cumprod(self.rates() if rates is None else rates)[:k].sum())
 
     def relax(self, keep: float) -> None:
         """Keep only ``keep`` of the evidence (the drafter changed): the prior weighs more again."""
@@ -128,8 +143,9 @@ class AcceptanceEstimate:
         positions = np.arange(k)
         reached = (num_accepted[:, None] >= positions[None, :]).sum(0)
         accepted = (num_accepted[:, None] > positions[None, :]).sum(0)
-        self.accepted *= self.decay
-        self.reached *= self.decay
+        keep = math.exp(-len(num_accepted) / self.memory)
+        self.accepted *= keep
+        self.reached *= keep
         self.accepted[:k] += accepted
         self.reached[:k] += reached
 
@@ -148,6 +164,9 @@ class StaticController:
         return self.arm
 
     def drafter_updated(self, name: str) -> None:
+        pass
+
+    def drafter_lag(self, name: str, tokens: int) -> None:
         pass
 
     def record(self, arm: Arm, batch: int, seconds: float, draft_seconds: float,
@@ -170,7 +189,8 @@ class AdaptiveController:
         self.config, self.cost, self.catch_up_kind = config, cost, dict(drafters)
         self.max_k = max(config.ks)
         self.arms = ([OFF] if config.allow_off else []) + [Arm(d, k) for d in drafters for k in config.ks]
-        self.acceptance = {d: AcceptanceEstimate(max(config.ks), config.acceptance_decay, config.prior_acceptance)
+        self.acceptance = {d: AcceptanceEstimate(max(config.ks), config.acceptance_memory, config.prior_acceptance,
+                                            config.prior_weight)
                            for d in drafters}
         self.missed = dict.fromkeys(drafters, 0.0)  # tokens per row decoded since each drafter last ran
         self.uses = dict.fromkeys(self.arms, 0)  # steps taken per arm
@@ -198,9 +218,14 @@ class AdaptiveController:
         with_switch, steady = self._goodputs([arm], batch)
         return float(with_switch[0] if switching else steady[0])
 
-    def _goodputs(self, arms: list[Arm], batch: int) -> tuple[np.ndarray, np.ndarray]:
-        """Goodput of each arm with and without its catch-up cost, each term computed once."""
-        tokens = batch * np.array([self.expected_emitted(arm) for arm in arms])
+    def _goodputs(self, arms: list[Arm], batch: int,
+                  rates: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Goodput of each arm with and without its catch-up cost, each term computed once;
+        ``rates``: per drafter, acceptance rates to use instead of the estimates' means."""
+        rates = rates or {}
+        tokens = batch * np.array([1.0 if arm.drafter is None else
+                                   self.acceptance[arm.drafter].expected_emitted(arm.k, rates.get(arm.drafter))
+                                   for arm in arms])
         seconds = np.array([self.predicted_time(arm, batch) for arm in arms])
         switch = np.array([self.switch_time(arm, batch) for arm in arms]) / self.config.switch_horizon
         return tokens / np.maximum(seconds + switch, 1e-9), tokens / np.maximum(seconds, 1e-9)
@@ -215,6 +240,9 @@ class AdaptiveController:
             uses = np.array([self.uses[arm] for arm in self.arms], dtype=np.float64)
             bonus = 1 + self.config.ucb_scale * np.sqrt(math.log(self._steps + 2) / (uses + 1))
             scores = np.where(near, greedy * bonus, greedy)
+        if self.config.explore == "thompson":  # each arm as good as one plausible draw of its rates
+            drawn = {name: estimate.sample_rates(self.rng) for name, estimate in self.acceptance.items()}
+            scores = np.where(near, self._goodputs(self.arms, batch, drawn)[0], greedy)
         arm = self.arms[int(scores.argmax())]
         if self.config.explore == "epsilon" and self.rng.random() < self.config.epsilon:
             candidates = np.flatnonzero(near)
@@ -223,6 +251,11 @@ class AdaptiveController:
         return arm
 
     # ---------------------------------------------------------------- learning
+    def drafter_lag(self, name: str, tokens: int) -> None:
+        """``name`` sat out the last step but kept up: its catch-up would re-read only ``tokens`` per row."""
+        if name in self.missed:
+            self.missed[name] = float(tokens)
+
     def drafter_updated(self, name: str, keep: float = 0.25) -> None:
         """``name`` now drafts with new weights: its past acceptance says less about it."""
         if name in self.acceptance:

@@ -283,19 +283,28 @@ class Engine:
         t0 = time.perf_counter()  # the decision is part of the step's cost
         arm = self.controller.choose(active)
         self.stats.arm_steps[arm.label] = self.stats.arm_steps.get(arm.label, 0) + 1
+        idle = {name: d for name, d in self.drafters.items() if d.shadows and name != arm.drafter}
         if arm.drafter is not None:
-            return self._speculative_step(arm, t0)
-        finished = self._ar_step(active)
-        self._synced.clear()
-        self.controller.record(OFF, active, time.perf_counter() - t0, 0.0, None, active)
+            finished = self._speculative_step(arm, t0, list(idle.values()))
+        else:
+            finished = self._ar_step(active, list(idle.values()))
+            self._synced.clear()
+            self.controller.record(OFF, active, time.perf_counter() - t0, 0.0, None, active)
+        for name, drafter in idle.items():  # kept up while it sat out: only what it could not keep is missed
+            self.controller.drafter_lag(name, drafter.lag(self.slots.host_lengths[:self.slots.active]))
         return finished
 
-    def _ar_step(self, active: int) -> int:
+    def _ar_step(self, active: int, shadowing: list[Drafter] = ()) -> int:
         t0 = time.perf_counter()
         slots = self.slots
         kv_len = int(slots.host_lengths[:active].max()) + 1
+        capture = tuple(sorted({layer for d in shadowing for layer in d.capture_layers}))
         out = self.model(slots.last_token[:active, None], slots.lengths[:active, None], cache=self.cache,
-                         rows=slice(0, active), kv_len=kv_len)
+                         rows=slice(0, active), kv_len=kv_len, capture_layers=capture)
+        if shadowing:
+            trace = _one_position_trace(out.captured, slots, active)
+            for drafter in shadowing:
+                drafter.shadow(trace)
         slots.commit_to_cache(active)
         logits = self.model.logits(out.hidden[:, -1])
         self.stats.decode_steps += 1
@@ -303,12 +312,12 @@ class Engine:
         self.stats.decode_s += time.perf_counter() - t0
         return finished
 
-    def _speculative_step(self, arm: Arm, t0: float) -> int:
+    def _speculative_step(self, arm: Arm, t0: float, shadowing: list[Drafter]) -> int:
         active = self.slots.active
         before = self.slots.host_generated[:active].copy()
         result = speculative_step(self.model, self.cache, self.slots, self.drafters[arm.drafter], arm.k,
                                   self.stats.spec, catch_up=arm.drafter not in self._synced,
-                                  time_drafter=self.controller.times_drafter)
+                                  time_drafter=self.controller.times_drafter, shadowing=shadowing)
         self._synced = {arm.drafter}
         finished = list(result.finished)
         finished += self._stop_string_hits(0, active, finished, before)
@@ -385,6 +394,14 @@ class Engine:
             seq.finish_reason = "stop"
         else:
             seq.finish_reason = "length"
+
+
+def _one_position_trace(captured: dict, slots: SlotTable, active: int) -> TargetTrace:
+    """An AR step's view for shadowing drafters: one committed position per row, at its length."""
+    ones = torch.ones(active, dtype=torch.int64, device=slots.lengths.device)
+    return TargetTrace(captured=captured, start=slots.lengths[:active].clone(), valid=ones,
+                       next_tokens=slots.last_token[:active, None], host_start=slots.host_lengths[:active].copy(),
+                       host_valid=np.ones(active, dtype=np.int64))
 
 
 def _named_drafters(drafter: Drafter | dict[str, Drafter] | None) -> dict[str, Drafter]:

@@ -112,10 +112,12 @@ class StepResult:
 
 
 def speculative_step(model: DecoderLM, cache: KVCache, slots: SlotTable, drafter: Drafter, k: int,
-                     stats: SpecStats, *, catch_up: bool = False, time_drafter: bool = False) -> StepResult:
+                     stats: SpecStats, *, catch_up: bool = False, time_drafter: bool = False,
+                     shadowing: list[Drafter] = ()) -> StepResult:
     """Draft and verify once for the active rows ``0..B-1``; the caller commits the result.
     ``catch_up``: the drafter sat out earlier steps and first brings its state up to date.
-    ``time_drafter``: measure the drafter's share of the step (one extra device sync on GPUs)."""
+    ``time_drafter``: measure the drafter's share of the step (one extra device sync on GPUs).
+    ``shadowing``: drafters sitting this step out that keep up from its captured features."""
     batch = slots.active
     params = slots.row_params(0, batch)
     host_generated = slots.host_generated[:batch]
@@ -144,8 +146,8 @@ def speculative_step(model: DecoderLM, cache: KVCache, slots: SlotTable, drafter
     ids = torch.cat((slots.last_token[:batch, None], proposal.tokens), dim=1)
     positions = slots.lengths[:batch, None] + torch.arange(k + 1, device=ids.device)
     kv_len = int(slots.host_lengths[:batch].max()) + k + 1
-    out = model(ids, positions, cache=cache, rows=slice(0, batch), kv_len=kv_len,
-                capture_layers=drafter.capture_layers)
+    capture = tuple(sorted({layer for d in (drafter, *shadowing) for layer in d.capture_layers}))
+    out = model(ids, positions, cache=cache, rows=slice(0, batch), kv_len=kv_len, capture_layers=capture)
     target = processed_logprobs_steps(model.logits(out.hidden), params)
     accept_u = resample_u = None
     if params.any_random:  # draft i is token index generated + i: its accept test and its resample
@@ -163,8 +165,12 @@ def speculative_step(model: DecoderLM, cache: KVCache, slots: SlotTable, drafter
     result.num_accepted, result.draft_seconds, result.catch_up_seconds = host_accepted, draft_seconds, catch_up_seconds
     stats.record(host_accepted, host_offered, counts, k, f"{drafter.name}@v{drafter.version}")
     slots.spec_counts[:batch] += np.stack((np.ones_like(counts), host_offered, host_accepted), axis=1)
-    if drafter.capture_layers:
-        drafter.observe(_trace(out.captured, verdict, result.counts, counts, slots, batch))
+    if drafter.capture_layers or shadowing:
+        trace = _trace(out.captured, verdict, result.counts, counts, slots, batch)
+        if drafter.capture_layers:
+            drafter.observe(trace)
+        for idle in shadowing:
+            idle.shadow(trace)
     slots.advance_block(result.tokens, result.logprobs, result.counts, counts)
     return result
 

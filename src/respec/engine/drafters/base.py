@@ -110,6 +110,7 @@ class Drafter:
     capture_layers: tuple[int, ...] = ()  # target layers whose outputs ``propose`` needs in the trace
     name: str = "drafter"  # how arms and statistics call it
     catch_up_kind: str = "none"  # what ``catch_up`` runs: "none", "target" (a read-only target pass), "self"
+    shadows: bool = False  # keeps up from the target's features of steps it sits out (see ``shadow``)
     version: int = 0  # of the weights now in use (0: as loaded); the online learner publishes newer ones
     source = None  # a Mailbox or DirectorySource of newer weights (see ``subscribe``)
     swap_errors: list[str]
@@ -152,6 +153,14 @@ class Drafter:
 
     def observe(self, trace: TargetTrace) -> None:
         """The target just verified a block for the active rows (only if ``capture_layers``)."""
+
+    def shadow(self, trace: TargetTrace) -> None:
+        """The target ran a step this drafter sat out (``capture_layers`` captured): keep what it needs
+        so that switching it back on needs no target pass. Only drafters with ``shadows`` get this."""
+
+    def lag(self, host_lengths: np.ndarray) -> int:
+        """Positions per row (the most over the rows) that a ``catch_up`` would have to re-read."""
+        return 0
 
     def copy_rows(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
         """The engine copied rows ``src`` into ``dst`` (first ``length`` positions matter)."""

@@ -7,6 +7,11 @@ positions and yielding the first draft from the last one), then drafts one token
 from the head's own hidden state. The last pending entry always pairs with the row's newest token,
 which is only known once sampled: after prefill that is the first generated token, after a verify
 the residual or bonus token.
+
+While the controller runs other arms, the engine captures the fused layers in those steps too and
+``shadow`` appends them to the pending block (up to ``shadow_limit`` entries per row), so switching
+the head back on costs no target pass: its next ``propose`` reads the whole block in its one extend
+forward. Past the limit a row stops growing and ``catch_up`` re-reads the rest from the target.
 """
 
 from __future__ import annotations
@@ -25,10 +30,13 @@ from .base import Drafter, DraftSampler, DraftState, Proposal, TargetTrace
 class EagleDrafter(Drafter):
     name = "eagle"
     catch_up_kind = "target"
+    shadows = True
 
-    def __init__(self, head: EagleHead, target: DecoderLM) -> None:
+    def __init__(self, head: EagleHead, target: DecoderLM, shadow_limit: int = 64) -> None:
         head.config.check_target(target.config)
-        self.head, self.target = head, target
+        if shadow_limit < 0:
+            raise ValueError(f"shadow_limit: must be >= 0 entries per row, got {shadow_limit}")
+        self.head, self.target, self.shadow_limit = head, target, shadow_limit
         self.vocab_size = head.config.vocab_size
         self.capture_layers = tuple(head.config.fuse_layers)
         self.cache: KVCache | None = None
@@ -85,6 +93,28 @@ class EagleDrafter(Drafter):
         self.start[:batch], self.count[:batch] = trace.start, trace.valid
         self.host_start[:batch], self.host_count[:batch] = trace.host_start, trace.host_valid
 
+    def shadow(self, trace: TargetTrace) -> None:
+        """Append the committed positions of a step the head sat out to each row's pending block, for
+        rows whose block ends where the step began and stays within ``shadow_limit``."""
+        batch, width = trace.next_tokens.shape
+        count = self.host_count[:batch]
+        keep = (self.host_start[:batch] + count == trace.host_start) & (count + trace.host_valid <= self.shadow_limit)
+        if not keep.any():
+            return
+        grown = count + np.where(keep, trace.host_valid, 0)
+        self._ensure_width(int(grown.max()))
+        device = self.count.device
+        offsets = torch.arange(width, device=device)
+        take = (offsets[None, :] < trace.valid[:, None]) & torch.from_numpy(keep).to(device)[:, None]
+        rows = torch.arange(batch, device=device)[:, None].expand(-1, width)
+        self.features[rows[take], (self.count[:batch, None] + offsets)[take]] = self._fused(trace.captured)[take]
+        self.count[:batch] = torch.from_numpy(grown).to(device)
+        self.host_count[:batch] = grown
+
+    def lag(self, host_lengths: np.ndarray) -> int:
+        batch = len(host_lengths)
+        return int(max(0, (host_lengths - self.host_start[:batch] - self.host_count[:batch]).max(initial=0)))
+
     def copy_rows(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
         self.cache.copy_rows(src, dst, length)
         for tensor in (self.features, self.tokens, self.start, self.count):
@@ -102,7 +132,8 @@ class EagleDrafter(Drafter):
         synced = self.host_start[:batch] + self.host_count[:batch]
         gaps = state.host_lengths[:batch] - synced
         missed = int(gaps.max())
-        if missed <= 0:
+        if missed <= 0:  # shadowed all along: only the tokens paired with the appended entries
+            self._pair_tokens(state, int(self.host_count[:batch].max()))
             return
         device = state.lengths.device
         first = torch.from_numpy(synced).to(device)
@@ -119,14 +150,19 @@ class EagleDrafter(Drafter):
         take = offsets[None, :] < torch.from_numpy(gaps).to(device)[:, None]
         row_index = torch.arange(batch, device=device)[:, None].expand(-1, missed)
         self.features[row_index[take], (count[:, None] + offsets)[take]] = fresh[take]
-        # Entry j pairs position start + j with the token after it; the last one stays last_token's.
-        self.tokens[:batch, :width] = state.tokens_at(self.start[:batch] + 1, width)
         self.count[:batch] = count + torch.from_numpy(gaps).to(device)
         self.host_count[:batch] += gaps
+        self._pair_tokens(state, width)
+
+    def _pair_tokens(self, state: DraftState, width: int) -> None:
+        """Entry j pairs position start + j with the token after it; the last one stays last_token's."""
+        batch = state.last_token.shape[0]
+        self.tokens[:batch, :width] = state.tokens_at(self.start[:batch] + 1, width)
 
     def _ensure_width(self, width: int) -> None:
         if width <= self.features.shape[1]:
             return
+        width = max(width, 2 * self.features.shape[1])  # grown by doubling: shadowing grows it a step at a time
         features = self.features.new_zeros(self.features.shape[0], width, self.features.shape[2])
         tokens = self.tokens.new_zeros(self.tokens.shape[0], width)
         features[:, : self.features.shape[1]] = self.features
