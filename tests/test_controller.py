@@ -179,7 +179,7 @@ def test_a_drafter_that_sat_out_long_stays_explorable():
     ctl = controller("epsilon", drafters={"eagle": "target"}, epsilon=1.0)
     for _ in range(20):
         ctl.acceptance["eagle"].record(np.full(4, 2), 2)  # two drafts of two accepted, every time
-    ctl.missed["eagle"] = 500
+    ctl.missed["eagle"] = ctl.reread["eagle"] = 500
     eagle = Arm("eagle", 2)
     assert ctl.goodput(eagle, 4) < 0.5 * ctl.goodput(OFF, 4)
     assert ctl.goodput(eagle, 4, switching=False) > ctl.goodput(OFF, 4)
@@ -209,13 +209,26 @@ def test_a_new_drafter_version_relaxes_its_acceptance_estimate():
 
 def test_switch_on_cost_is_charged_and_spread():
     ctl = controller(drafters={"eagle": "target"}, switch_horizon=4)
-    ctl.missed["eagle"] = 20
+    ctl.missed["eagle"] = ctl.reread["eagle"] = 20
     arm = Arm("eagle", 2)
     catch_up = ctl.cost.catch_up_time("target", "eagle", 8, 20)
     assert catch_up == pytest.approx(ctl.cost._profiled(8, 20))
     assert ctl.switch_time(arm, 8) == pytest.approx(catch_up)
     seconds = ctl.predicted_time(arm, 8) + catch_up / 4
     assert ctl.goodput(arm, 8) == pytest.approx(8 * ctl.expected_emitted(arm) / seconds)
+
+
+def test_a_shadowed_drafter_pays_only_its_own_extend_pass():
+    """A drafter kept up while it sat out (lag 0) re-reads nothing from the target when switched on."""
+    ctl = controller(drafters={"eagle": "target"})
+    ctl.cost.record_draft("eagle", 8, 1, 0.002)
+    for _ in range(40):
+        ctl.record(OFF, 8, 0.02, 0.0, None, 8)
+    reread_all = ctl.switch_time(Arm("eagle", 2), 8)
+    ctl.drafter_lag("eagle", 0)
+    own = ctl.switch_time(Arm("eagle", 2), 8)
+    assert own == pytest.approx(0.002 * 40 / 4)
+    assert reread_all == pytest.approx(ctl.cost._profiled(8, 40) + own)
 
 
 def test_prediction_error_is_small_after_warm_up():
@@ -412,5 +425,5 @@ def test_drafter_cost_is_learned_on_catch_up_steps_too():
         ctl.record(OFF, 4, 0.02, 0.0, None, 4)
         ctl.record(Arm("eagle", 2), 4, 0.05, 0.004, np.array([1, 1, 1, 1]), 8, catch_up_seconds=0.02)
     assert ctl.cost.draft_time("eagle", 4, 2) == pytest.approx(0.004, rel=1e-3)
-    ctl.missed["eagle"] = 1.0
+    ctl.missed["eagle"] = ctl.reread["eagle"] = 1.0
     assert ctl.switch_time(Arm("eagle", 2), 4) == pytest.approx(0.02, rel=1e-2)

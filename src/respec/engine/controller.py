@@ -193,6 +193,7 @@ class AdaptiveController:
                                             config.prior_weight)
                            for d in drafters}
         self.missed = dict.fromkeys(drafters, 0.0)  # tokens per row decoded since each drafter last ran
+        self.reread = dict.fromkeys(drafters, 0.0)  # of those, what its catch-up must re-read from the target
         self.uses = dict.fromkeys(self.arms, 0)  # steps taken per arm
         self.rng = np.random.default_rng(config.seed)
         self.trace: list[StepRecord] = []
@@ -208,7 +209,8 @@ class AdaptiveController:
     def switch_time(self, arm: Arm, batch: int) -> float:
         if arm.drafter is None:
             return 0.0
-        return self.cost.catch_up_time(self.catch_up_kind[arm.drafter], arm.drafter, batch, self.missed[arm.drafter])
+        name = arm.drafter
+        return self.cost.catch_up_time(self.catch_up_kind[name], name, batch, self.missed[name], self.reread[name])
 
     def expected_emitted(self, arm: Arm) -> float:
         return 1.0 if arm.drafter is None else self.acceptance[arm.drafter].expected_emitted(arm.k)
@@ -253,8 +255,8 @@ class AdaptiveController:
     # ---------------------------------------------------------------- learning
     def drafter_lag(self, name: str, tokens: int) -> None:
         """``name`` sat out the last step but kept up: its catch-up would re-read only ``tokens`` per row."""
-        if name in self.missed:
-            self.missed[name] = float(tokens)
+        if name in self.reread:
+            self.reread[name] = float(tokens)
 
     def drafter_updated(self, name: str, keep: float = 0.25) -> None:
         """``name`` now drafts with new weights: its past acceptance says less about it."""
@@ -273,13 +275,14 @@ class AdaptiveController:
             self.cost.record_draft(arm.drafter, batch, arm.k, draft_seconds)
             if catch_up_seconds > 0:
                 self.cost.record_catch_up(self.catch_up_kind[arm.drafter], arm.drafter, batch,
-                                          self.missed[arm.drafter], catch_up_seconds)
-            self.missed[arm.drafter] = 0.0
+                                          self.missed[arm.drafter], catch_up_seconds, self.reread[arm.drafter])
+            self.missed[arm.drafter] = self.reread[arm.drafter] = 0.0
             self.acceptance[arm.drafter].record(num_accepted, arm.k)
         per_row = emitted / max(batch, 1)
         for name in self.missed:
             if arm.drafter != name:
                 self.missed[name] += per_row
+                self.reread[name] += per_row
         if self.config.record_trace:
             accepted = int(num_accepted.sum()) if num_accepted is not None else 0
             self.trace.append(StepRecord(batch, arm.label, self._predicted, seconds, emitted, accepted))

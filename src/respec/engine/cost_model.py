@@ -94,19 +94,25 @@ class CostModel:
             bucket = int(measured[np.abs(measured - bucket).argmin()])
         return float(known[bucket]) * k
 
-    def catch_up_time(self, kind: str, drafter: str, batch: int, missed: float) -> float:
-        """Bringing a drafter up to date after ``missed`` tokens per row decoded without it."""
-        return self._catch_up_model(kind, drafter, batch, missed) * self.catch_up_scale.get(drafter, 1.0)
+    def catch_up_time(self, kind: str, drafter: str, batch: int, missed: float, reread: float | None = None) -> float:
+        """Bringing a drafter up to date after ``missed`` tokens per row decoded without it, of which a
+        "target" drafter must re-read ``reread`` (default: all) from the target (the rest it shadowed)."""
+        return self._catch_up_model(kind, drafter, batch, missed, reread) * self.catch_up_scale.get(drafter, 1.0)
 
-    def _catch_up_model(self, kind: str, drafter: str, batch: int, missed: float) -> float:
+    def _catch_up_model(self, kind: str, drafter: str, batch: int, missed: float, reread: float | None) -> float:
         if missed <= 0 or kind == "none":
             return 0.0
-        if kind == "target":  # a read-only target pass over the missed positions, then the head
-            return self._profiled(batch, max(1, round(missed))) + self.draft_time(drafter, batch, 1)
-        return self.draft_time(drafter, batch, 1) * max(1.0, missed / 4)  # one batched drafter pass
+        # The drafter's own extend pass over the missed entries: no logits, so a few entries cost
+        # about one draft step (which is mostly the vocabulary projection).
+        own = self.draft_time(drafter, batch, 1) * max(1.0, missed / 4)
+        reread = missed if reread is None else reread
+        if kind == "target" and reread > 0:  # a read-only target pass over the positions not shadowed
+            return self._profiled(batch, max(1, round(reread))) + own
+        return own
 
-    def record_catch_up(self, kind: str, drafter: str, batch: int, missed: float, seconds: float) -> None:
-        modelled = self._catch_up_model(kind, drafter, batch, missed)
+    def record_catch_up(self, kind: str, drafter: str, batch: int, missed: float, seconds: float,
+                        reread: float | None = None) -> None:
+        modelled = self._catch_up_model(kind, drafter, batch, missed, reread)
         if modelled <= 0 or seconds <= 0:
             return
         old = self.catch_up_scale.get(drafter)

@@ -101,14 +101,14 @@ class EagleDrafter(Drafter):
         keep = (self.host_start[:batch] + count == trace.host_start) & (count + trace.host_valid <= self.shadow_limit)
         if not keep.any():
             return
+        # Every row's whole step is written past its block's end: entries past a row's count are never
+        # read as its own, so no mask (a device sync on GPUs) is needed to skip the rest.
+        self._ensure_width(int(count.max()) + width)
+        fused = self._fused(trace.captured)
+        index = (self.count[:batch, None] + torch.arange(width, device=fused.device))[..., None]
+        self.features[:batch].scatter_(1, index.expand_as(fused), fused)
         grown = count + np.where(keep, trace.host_valid, 0)
-        self._ensure_width(int(grown.max()))
-        device = self.count.device
-        offsets = torch.arange(width, device=device)
-        take = (offsets[None, :] < trace.valid[:, None]) & torch.from_numpy(keep).to(device)[:, None]
-        rows = torch.arange(batch, device=device)[:, None].expand(-1, width)
-        self.features[rows[take], (self.count[:batch, None] + offsets)[take]] = self._fused(trace.captured)[take]
-        self.count[:batch] = torch.from_numpy(grown).to(device)
+        self.count[:batch] = torch.from_numpy(grown).to(fused.device)
         self.host_count[:batch] = grown
 
     def lag(self, host_lengths: np.ndarray) -> int:
@@ -132,8 +132,9 @@ class EagleDrafter(Drafter):
         synced = self.host_start[:batch] + self.host_count[:batch]
         gaps = state.host_lengths[:batch] - synced
         missed = int(gaps.max())
-        if missed <= 0:  # shadowed all along: only the tokens paired with the appended entries
+        if missed <= 0:  # shadowed all along: nothing to re-read from the target
             self._pair_tokens(state, int(self.host_count[:batch].max()))
+            self._absorb(batch)
             return
         device = state.lengths.device
         first = torch.from_numpy(synced).to(device)
@@ -153,6 +154,25 @@ class EagleDrafter(Drafter):
         self.count[:batch] = count + torch.from_numpy(gaps).to(device)
         self.host_count[:batch] += gaps
         self._pair_tokens(state, width)
+        self._absorb(batch)
+
+    def _absorb(self, batch: int) -> None:
+        """Run every pending entry but each row's last through the head (the catch-up's one extend
+        pass, so its cost is the catch-up's), leaving only the last pending for ``propose``."""
+        width = int(self.host_count[:batch].max())
+        if width <= 1:
+            return
+        start, last = self.start[:batch], self.count[:batch] - 1
+        positions = start[:, None] + torch.arange(width - 1, device=start.device)
+        kv_len = int((self.host_start[:batch] + width - 1).max())
+        # Rows with fewer entries run their last one (or padding past it) here too: propose rewrites it.
+        self._run(self.tokens[:batch, : width - 1], self.head.fuse(self.features[:batch, : width - 1]), positions,
+                  slice(0, batch), kv_len)
+        self.features[:batch, 0] = self.features[torch.arange(batch, device=start.device), last]
+        self.start[:batch] = start + last
+        self.count[:batch] = 1
+        self.host_start[:batch] += self.host_count[:batch] - 1
+        self.host_count[:batch] = 1
 
     def _pair_tokens(self, state: DraftState, width: int) -> None:
         """Entry j pairs position start + j with the token after it; the last one stays last_token's."""
