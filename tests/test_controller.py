@@ -18,7 +18,7 @@ from respec.engine.controller import (
     StepRecord,
     summarize_trace,
 )
-from respec.engine.cost_model import CostModel, batch_grid
+from respec.engine.cost_model import SPIKE, CostModel, batch_grid
 from respec.engine.drafters import DraftModelDrafter, EagleDrafter
 from respec.models.eagle import EagleConfig, EagleHead
 from respec.models.loading import load_model
@@ -108,6 +108,18 @@ def test_first_measurements_are_averaged_with_the_prior_then_weighted_exponentia
     for _ in range(60):
         cost.record_target(2, 3, 0.016)
     assert cost.target_time(2, 3) == pytest.approx(0.016, rel=1e-3)  # then exponentially weighted
+
+
+def test_one_stalled_step_moves_the_estimate_little_but_a_lasting_change_is_followed():
+    cost = linear_cost()
+    step = cost._profiled(4, 2)
+    for _ in range(20):
+        cost.record_target(4, 2, step)  # as profiled
+    cost.record_target(4, 2, 3 * step)  # another tenant stalled this one step
+    assert cost.target_time(4, 2) == pytest.approx(step * (1 + (1 - cost.decay) * (SPIKE - 1)))
+    for _ in range(40):
+        cost.record_target(4, 2, 2 * step)  # the step really became twice as slow
+    assert cost.target_time(4, 2) == pytest.approx(2 * step, rel=0.05)
 
 
 def test_profile_is_cached_on_disk(tiny_llama, tmp_path):

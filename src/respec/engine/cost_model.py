@@ -26,6 +26,9 @@ from ..models import presets
 from ..models.decoder import DecoderLM
 from .cache import KVCache
 
+# Once a grid cell has a few measurements, one step counts as at most this factor off its estimate:
+# a stall of 2x would otherwise shift an arm's predicted time by a fifth and flip the choice.
+SPIKE = 1.25
 PROFILE_CONTEXT = 192  # cached positions each profiled row attends to: a typical mid-rollout length
 
 
@@ -127,7 +130,10 @@ class CostModel:
         # A mean with one pseudo-measurement of the prior (the borrowed correction, or 1) until the
         # exponentially weighted average takes over: one noisy step cannot condemn an arm.
         weight = max(1 - self.decay, 1 / (self.observed[at] + 2))
-        self.correction[at] = (1 - weight) * self._correction(*at) + weight * seconds / profiled
+        current, ratio = self._correction(*at), seconds / profiled
+        if self.observed[at] >= 2:  # a shared machine stalls a step now and then: one spike moves it a little
+            ratio = min(max(ratio, current / SPIKE), current * SPIKE)
+        self.correction[at] = (1 - weight) * current + weight * ratio
         self.observed[at] += 1
 
     def record_draft(self, drafter: str, batch: int, k: int, seconds: float) -> None:
