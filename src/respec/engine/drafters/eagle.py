@@ -10,8 +10,8 @@ the residual or bonus token.
 
 While the controller runs other arms, the engine captures the fused layers in those steps too and
 ``shadow`` appends them to the pending block (up to ``shadow_limit`` entries per row), so switching
-the head back on costs no target pass: its next ``propose`` reads the whole block in its one extend
-forward. Past the limit a row stops growing and ``catch_up`` re-reads the rest from the target.
+the head back on costs no target pass: ``catch_up`` runs the block through the head in one extend
+forward. Past the limit a row stops growing and ``catch_up`` re-reads the rest from the target first.
 """
 
 from __future__ import annotations
