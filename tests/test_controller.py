@@ -263,6 +263,7 @@ def test_trace_records_every_step():
     ({"explore": "greedy"}, "explore"),
     ({"epsilon": 1.5}, "epsilon"),
     ({"acceptance_memory": 0.0}, "acceptance_memory"),
+    ({"prior_weight": 0.0}, "prior_weight"),
 ])
 def test_bad_settings_fail_at_once(kwargs, message):
     with pytest.raises(ValueError, match=message):
