@@ -440,3 +440,9 @@ def test_drafter_cost_is_learned_on_catch_up_steps_too():
     assert ctl.cost.draft_time("eagle", 4, 2) == pytest.approx(0.004, rel=1e-3)
     ctl.missed["eagle"] = ctl.reread["eagle"] = 1.0
     assert ctl.switch_time(Arm("eagle", 2), 4) == pytest.approx(0.02, rel=1e-2)
+
+
+def test_a_negative_shadow_limit_fails_at_once(target):
+    model, _ = target
+    with pytest.raises(ValueError, match="shadow_limit"):
+        EagleDrafter(random_head(model), model, shadow_limit=-1)
