@@ -5,7 +5,7 @@ adaptive controller predicts, for each arm and the current active batch, the ste
 and the tokens it emits (per-position acceptance rates of each drafter, exponentially weighted so a
 stale drafter loses its place by itself), and takes the arm with the highest goodput: emitted tokens
 per second. Switching a drafter on after it sat out costs a catch-up pass, spread over
-``switch_horizon`` steps in the comparison. Optional exploration (epsilon-greedy or UCB) keeps the
+``switch_horizon`` steps in the comparison. Optional exploration (epsilon-greedy, UCB or Thompson) keeps the
 estimates of unused arms alive, but only among arms predicted within ``explore_margin`` of the best
 (judged without their catch-up cost, which grows while a drafter sits out): an arm known to lose by
 far is not paid for again and again (where speculation never pays, as on a
@@ -220,23 +220,32 @@ class AdaptiveController:
         with_switch, steady = self._goodputs([arm], batch)
         return float(with_switch[0] if switching else steady[0])
 
-    def _goodputs(self, arms: list[Arm], batch: int,
-                  rates: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Goodput of each arm with and without its catch-up cost, each term computed once;
-        ``rates``: per drafter, acceptance rates to use instead of the estimates' means."""
-        rates = rates or {}
-        tokens = batch * np.array([1.0 if arm.drafter is None else
-                                   self.acceptance[arm.drafter].expected_emitted(arm.k, rates.get(arm.drafter))
-                                   for arm in arms])
+    def _goodputs(self, arms: list[Arm], batch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Goodput of each arm with and without its catch-up cost, each term computed once."""
+        seconds, switch = self._seconds(arms, batch)
+        tokens = self._tokens(arms, batch)
+        return tokens / np.maximum(seconds + switch, 1e-9), tokens / np.maximum(seconds, 1e-9)
+
+    def _seconds(self, arms: list[Arm], batch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each arm's predicted step time and its catch-up cost spread over ``switch_horizon``."""
         seconds = np.array([self.predicted_time(arm, batch) for arm in arms])
         switch = np.array([self.switch_time(arm, batch) for arm in arms]) / self.config.switch_horizon
-        return tokens / np.maximum(seconds + switch, 1e-9), tokens / np.maximum(seconds, 1e-9)
+        return seconds, switch
+
+    def _tokens(self, arms: list[Arm], batch: int, rates: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """Expected emitted tokens per step; ``rates``: per drafter, rates to use instead of the means."""
+        rates = rates or {}
+        return batch * np.array([1.0 if arm.drafter is None else
+                                 self.acceptance[arm.drafter].expected_emitted(arm.k, rates.get(arm.drafter))
+                                 for arm in arms])
 
     def choose(self, batch: int) -> Arm:
         # Arms worth exploring are judged without their catch-up cost, which grows with every step a
         # drafter sits out; judged with it, a drafter once passed over could never be tried again.
-        greedy, steady = self._goodputs(self.arms, batch)
-        near = steady >= (1 - self.config.explore_margin) * greedy.max()
+        seconds, switch = self._seconds(self.arms, batch)
+        tokens = self._tokens(self.arms, batch)
+        greedy = tokens / np.maximum(seconds + switch, 1e-9)
+        near = tokens / np.maximum(seconds, 1e-9) >= (1 - self.config.explore_margin) * greedy.max()
         scores = greedy
         if self.config.explore == "ucb":
             uses = np.array([self.uses[arm] for arm in self.arms], dtype=np.float64)
@@ -244,13 +253,13 @@ class AdaptiveController:
             scores = np.where(near, greedy * bonus, greedy)
         if self.config.explore == "thompson":  # each arm as good as one plausible draw of its rates
             drawn = {name: estimate.sample_rates(self.rng) for name, estimate in self.acceptance.items()}
-            scores = np.where(near, self._goodputs(self.arms, batch, drawn)[0], greedy)
-        arm = self.arms[int(scores.argmax())]
+            scores = np.where(near, self._tokens(self.arms, batch, drawn) / np.maximum(seconds + switch, 1e-9), greedy)
+        index = int(scores.argmax())
         if self.config.explore == "epsilon" and self.rng.random() < self.config.epsilon:
             candidates = np.flatnonzero(near)
-            arm = self.arms[int(candidates[self.rng.integers(len(candidates))])]
-        self._predicted = self.predicted_time(arm, batch) + self.switch_time(arm, batch)
-        return arm
+            index = int(candidates[self.rng.integers(len(candidates))])
+        self._predicted = float(seconds[index] + switch[index] * self.config.switch_horizon)
+        return self.arms[index]
 
     # ---------------------------------------------------------------- learning
     def drafter_lag(self, name: str, tokens: int) -> None:

@@ -397,10 +397,11 @@ class Engine:
 
 
 def _one_position_trace(captured: dict, slots: SlotTable, active: int) -> TargetTrace:
-    """An AR step's view for shadowing drafters: one committed position per row, at its length."""
+    """An AR step's view for shadowing drafters: one committed position per row, at its length. Views,
+    not copies: the drafters read it before the step commits (which moves the lengths)."""
     ones = torch.ones(active, dtype=torch.int64, device=slots.lengths.device)
-    return TargetTrace(captured=captured, start=slots.lengths[:active].clone(), valid=ones,
-                       next_tokens=slots.last_token[:active, None], host_start=slots.host_lengths[:active].copy(),
+    return TargetTrace(captured=captured, start=slots.lengths[:active], valid=ones,
+                       next_tokens=slots.last_token[:active, None], host_start=slots.host_lengths[:active],
                        host_valid=np.ones(active, dtype=np.int64))
 
 

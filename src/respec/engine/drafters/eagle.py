@@ -96,19 +96,23 @@ class EagleDrafter(Drafter):
     def shadow(self, trace: TargetTrace) -> None:
         """Append the committed positions of a step the head sat out to each row's pending block, for
         rows whose block ends where the step began and stays within ``shadow_limit``."""
-        batch, width = trace.next_tokens.shape
+        batch = len(trace.host_valid)
         count = self.host_count[:batch]
         keep = (self.host_start[:batch] + count == trace.host_start) & (count + trace.host_valid <= self.shadow_limit)
         if not keep.any():
             return
-        # Every row's whole step is written past its block's end: entries past a row's count are never
-        # read as its own, so no mask (a device sync on GPUs) is needed to skip the rest.
-        self._ensure_width(int(count.max()) + width)
-        fused = self._fused(trace.captured)
-        index = (self.count[:batch, None] + torch.arange(width, device=fused.device))[..., None]
-        self.features[:batch].scatter_(1, index.expand_as(fused), fused)
-        grown = count + np.where(keep, trace.host_valid, 0)
-        self.count[:batch] = torch.from_numpy(grown).to(fused.device)
+        self._append(self._fused(trace.captured), np.where(keep, trace.host_valid, 0))
+
+    def _append(self, fresh: torch.Tensor, added: np.ndarray) -> None:
+        """Write ``fresh [B, T, F]`` at each row's block end and grow the row's block by ``added``. All T
+        entries land on every row: entries past a row's count are never read as its own, so no mask (a
+        device sync on GPUs) picks the rows and positions that count."""
+        batch, width = fresh.shape[:2]
+        self._ensure_width(int(self.host_count[:batch].max()) + width)
+        index = (self.count[:batch, None] + torch.arange(width, device=fresh.device))[..., None]
+        self.features[:batch].scatter_(1, index.expand_as(fresh), fresh)
+        grown = self.host_count[:batch] + added
+        self.count[:batch] = torch.from_numpy(grown).to(fresh.device)
         self.host_count[:batch] = grown
 
     def lag(self, host_lengths: np.ndarray) -> int:
@@ -126,34 +130,21 @@ class EagleDrafter(Drafter):
     def catch_up(self, state: DraftState, target: DecoderLM, cache: KVCache) -> None:
         """Rows decoded without the head since their pending block: re-read the target's features of
         the missed positions (a read-only pass over the target's cache, stopping at the last fused
-        layer) and append them to the pending block; the next ``propose`` runs all of it through the
-        head in its usual single extend forward."""
+        layer) and append them to the pending block; then run the block through the head in one
+        extend forward (``_absorb``), so the next ``propose`` is as narrow as after a verify."""
         batch = state.last_token.shape[0]
         synced = self.host_start[:batch] + self.host_count[:batch]
         gaps = state.host_lengths[:batch] - synced
         missed = int(gaps.max())
-        if missed <= 0:  # shadowed all along: nothing to re-read from the target
-            self._pair_tokens(state, int(self.host_count[:batch].max()))
-            self._absorb(batch)
-            return
-        device = state.lengths.device
-        first = torch.from_numpy(synced).to(device)
-        last = state.lengths - 1
-        positions = torch.minimum(first[:, None] + torch.arange(missed, device=device), last[:, None])
-        out = target(state.tokens_at(first, missed), positions, cache=cache, rows=slice(0, batch),
-                     kv_len=int(state.host_lengths.max()), capture_layers=self.capture_layers, read_only=True,
-                     num_layers=max(self.capture_layers) + 1)
-        fresh = self._fused(out.captured)
-        count = self.count[:batch]
-        width = int((self.host_count[:batch] + gaps).max())
-        self._ensure_width(width)
-        offsets = torch.arange(missed, device=device)
-        take = offsets[None, :] < torch.from_numpy(gaps).to(device)[:, None]
-        row_index = torch.arange(batch, device=device)[:, None].expand(-1, missed)
-        self.features[row_index[take], (count[:, None] + offsets)[take]] = fresh[take]
-        self.count[:batch] = count + torch.from_numpy(gaps).to(device)
-        self.host_count[:batch] += gaps
-        self._pair_tokens(state, width)
+        if missed > 0:  # else shadowed all along: nothing to re-read from the target
+            device = state.lengths.device
+            first = torch.from_numpy(synced).to(device)
+            positions = torch.minimum(first[:, None] + torch.arange(missed, device=device), state.lengths[:, None] - 1)
+            out = target(state.tokens_at(first, missed), positions, cache=cache, rows=slice(0, batch),
+                         kv_len=int(state.host_lengths.max()), capture_layers=self.capture_layers, read_only=True,
+                         num_layers=max(self.capture_layers) + 1)
+            self._append(self._fused(out.captured), gaps)
+        self._pair_tokens(state, int(self.host_count[:batch].max()))
         self._absorb(batch)
 
     def _absorb(self, batch: int) -> None:
