@@ -93,3 +93,44 @@ def test_rms_norm_matches_the_pytorch_module(dim):
     norm(x).sum().backward()
     assert x.grad is not None and norm.weight.grad is not None
     assert native.rms_norm(torch.randn(2, dim).double(), norm.weight.double(), 1e-5) is None
+
+
+def _reference_attention(q, keys, values, first_row, positions):
+    """SDPA over the cache rows, each token masked to the positions up to its own."""
+    batch, steps, heads, dim = q.shape
+    length = int(positions.max()) + 1
+    k = keys[first_row:first_row + batch, :, :length]
+    v = values[first_row:first_row + batch, :, :length]
+    mask = (torch.arange(length)[None, None, :] <= positions[:, :, None])[:, None]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask,
+                                         enable_gqa=keys.shape[1] != heads)
+    return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 2, 16), (9, 3, 64), (4, 4, 128), (8, 1, 32)])
+@pytest.mark.parametrize("steps", [1, 5, 17])
+def test_decode_attention_matches_sdpa_on_ragged_rows(heads, kv_heads, dim, steps):
+    torch.manual_seed(heads * dim + steps)
+    slots, max_len, batch, first_row = 7, 96, 4, 2
+    keys, values = torch.randn(slots, kv_heads, max_len, dim), torch.randn(slots, kv_heads, max_len, dim)
+    # Ragged rows, each token one past the previous one; row 1 starts at position 0 (a short prompt).
+    starts = torch.tensor([40, 0, 70, 11])[:, None]
+    positions = starts + torch.arange(steps)[None, :]
+    for spread in (1.0, 30.0):  # 30: scores far apart, exponentials that underflow
+        q = (torch.randn(batch, steps, heads + 2, dim) * spread)[:, :, :heads]  # a strided view, as in the model
+        fused = native.decode_attention(q, keys, values, first_row, positions, dim ** -0.5)
+        exact = _reference_attention(q.double(), keys.double(), values.double(), first_row, positions)
+        # fp32 scores of size ~spread carry ~1e-7 * spread of rounding into the weights: SDPA's own
+        # error against fp64 is 1e-7-2e-6 here.
+        assert (fused - exact).abs().max() <= 1e-6 * spread
+
+
+def test_decode_attention_declines_what_it_cannot_run():
+    keys = values = torch.randn(2, 1, 8, 16)
+    positions = torch.zeros(1, 1, dtype=torch.long)
+    assert native.decode_attention(torch.randn(1, 1, 2, 16).double(), keys, values, 0, positions, 0.25) is None
+    assert native.decode_attention(torch.randn(1, 1, 2, 12), torch.randn(2, 1, 8, 12), torch.randn(2, 1, 8, 12),
+                                   0, positions, 0.25) is None  # head_dim not whole vectors
+    assert native.decode_attention(torch.randn(1, 1, 2, 16), keys, values, 0, positions.int(), 0.25) is None
+    assert native.decode_attention(torch.randn(1, 1, 2, 16, requires_grad=True), keys, values, 0, positions,
+                                   0.25) is None

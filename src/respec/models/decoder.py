@@ -45,6 +45,7 @@ class ForwardContext:
     # Row index into the cache viewed as [rows * kv_heads * max_len, head_dim] for each new
     # (row, head, token), in that order: one index_copy_ per layer writes all new keys.
     write_index: torch.Tensor | None = None
+    positions: torch.Tensor | None = None  # int64 [B, T], with a cache: what each new token may attend up to
 
 
 @dataclass
@@ -90,19 +91,26 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             qk = torch.cat((self.q_norm(qk[:, :, :heads]), self.k_norm(qk[:, :, heads:])), dim=2)
         qk = apply_rope(qk, ctx.cos, ctx.sin)  # q and k rotated together: one set of ops
-        q, k = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:]
         if ctx.cache is not None:
-            k, v = self._write_and_read_cache(k, v, ctx)
+            out = self._cached_attention(qk[:, :, :heads], qk[:, :, heads:], v, ctx)
         else:
-            k, v = k.transpose(1, 2), v.transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.mask is None,
-                                             enable_gqa=kv_heads != heads)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, steps, self.q_size))
+            q, k, v = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2), v.transpose(1, 2)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.mask is None,
+                                                 enable_gqa=kv_heads != heads).transpose(1, 2)
+        return self.o_proj(out.reshape(batch, steps, self.q_size))
 
-    def _write_and_read_cache(self, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext):
-        """Store the new keys/values ``[B, T, kv_heads, head_dim]``; return the rows' cached ones."""
-        return write_and_read_cache(ctx.cache.keys[self.layer_index], ctx.cache.values[self.layer_index],
-                                    k.transpose(1, 2), v.transpose(1, 2), ctx)
+    def _cached_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """Write the new keys/values ``[B, T, kv_heads, D]`` into the cache; attend from ``q [B, T, heads, D]``
+        over each row's cache up to each token's position; ``[B, T, heads, D]``."""
+        keys, values = ctx.cache.keys[self.layer_index], ctx.cache.values[self.layer_index]
+        k, v = write_and_read_cache(keys, values, k.transpose(1, 2), v.transpose(1, 2), ctx)
+        if ctx.positions is not None and q.shape[1] <= native.ATTENTION_MAX_TOKENS:
+            fused = native.decode_attention(q, keys, values, ctx.rows.start or 0, ctx.positions, self.head_dim ** -0.5)
+            if fused is not None:
+                return fused
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=ctx.mask,
+                                             enable_gqa=self.num_kv_heads != self.num_heads)
+        return out.transpose(1, 2)
 
 
 def write_and_read_cache(key_cache: torch.Tensor, value_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -255,4 +263,4 @@ class DecoderLM(nn.Module):
         row_heads = slot[:, None] * kv_heads + torch.arange(kv_heads, device=device)[None, :]
         write_index = (row_heads[:, :, None] * max_len + positions[:, None, :]).reshape(-1)
         return ForwardContext(cos=cos, sin=sin, mask=mask, cache=cache, rows=rows, kv_len=kv_len,
-                              write_index=write_index)
+                              write_index=write_index, positions=positions)

@@ -2,7 +2,9 @@
 
 ``skinny_matmul.c``: the small-batch matmul, one more kernel for ``fast_linear`` to choose from
 (kernel_tuning times it against the BLAS kernels on the model's own weights and keeps it only where
-it is faster). ``rms_norm.c``: RMSNorm in one call instead of ~7 small ops. Both are inference-only:
+it is faster). ``rms_norm.c``: RMSNorm in one call instead of ~7 small ops. ``decode_attention.c``:
+attention of a few new tokens per row over the KV cache, reading each row's keys and values once and
+only up to that row's own length. All are inference-only:
 calls that need autograd, other dtypes or devices get ``None`` and run the PyTorch code. When the
 library cannot be built (no C compiler, not Linux, ``RESPEC_NATIVE_KERNELS=0``) everything runs as
 before. It links the OpenMP runtime torch ships, so both share one thread pool and
@@ -25,9 +27,10 @@ import torch
 
 from .presets import cache_dir
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("skinny_matmul.c", "rms_norm.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("skinny_matmul.c", "rms_norm.c", "decode_attention.c"))
 DISABLE_ENV = "RESPEC_NATIVE_KERNELS"
 MAX_ROWS = 8
+ATTENTION_MAX_TOKENS = 64  # new tokens per row the attention kernel takes (a decode step or a verify block)
 COLUMN_MULTIPLE = 32  # output features must be a multiple of the narrowest column tile
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": the loaded library or None once a build was tried
@@ -73,6 +76,28 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     return out
 
 
+def decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, first_row: int,
+                     positions: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """Attention of ``q [B, T, H, D]`` (D contiguous) over cache rows ``first_row..first_row + B`` of
+    ``key_cache``/``value_cache [rows, kv_heads, max_len, D]``, each token attending to the cache
+    positions up to its own in ``positions [B, T]``; ``[B, T, H, D]``. None when the kernel cannot
+    run this call (the caller uses PyTorch's attention)."""
+    lib = _library()
+    batch, steps, heads, dim = q.shape
+    _, kv_heads, max_len, _ = key_cache.shape
+    if lib is None or q.dtype != torch.float32 or key_cache.dtype != torch.float32 or q.device.type != "cpu" \
+            or q.stride(3) != 1 or positions.dtype != torch.int64 or not key_cache.is_contiguous() or not value_cache.is_contiguous() \
+            or (torch.is_grad_enabled() and q.requires_grad):
+        return None
+    positions = positions.contiguous()
+    out = torch.empty(batch, steps, heads, dim, dtype=torch.float32)
+    if lib.decode_attention(q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), key_cache[first_row].data_ptr(),
+                            value_cache[first_row].data_ptr(), positions.data_ptr(), out.data_ptr(), batch, steps,
+                            heads, kv_heads, dim, max_len, scale):
+        return None
+    return out
+
+
 def _library() -> ctypes.CDLL | None:
     if "lib" in _state:
         return _state["lib"]  # type: ignore[return-value]
@@ -100,6 +125,9 @@ def _load() -> ctypes.CDLL | None:
     lib.skinny_matmul.restype = ctypes.c_int
     lib.rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2 + [ctypes.c_float]
     lib.rms_norm.restype = None
+    lib.decode_attention.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 3 + [ctypes.c_void_p] * 4 \
+        + [ctypes.c_long] * 6 + [ctypes.c_float]
+    lib.decode_attention.restype = ctypes.c_int
     return lib
 
 
