@@ -11,13 +11,13 @@ import torch
 TINY_VOCAB = 96
 
 TINY_CONFIGS = {
-    "llama": dict(model_type="llama", tie_word_embeddings=False),
-    "llama-tied": dict(model_type="llama", tie_word_embeddings=True),
-    "llama3-rope": dict(model_type="llama", tie_word_embeddings=False,
-                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
-    "qwen2": dict(model_type="qwen2", tie_word_embeddings=False),
-    "qwen3": dict(model_type="qwen3", tie_word_embeddings=True),
+    "llama": {"model_type": "llama", "tie_word_embeddings": False},
+    "llama-tied": {"model_type": "llama", "tie_word_embeddings": True},
+    "llama3-rope": {"model_type": "llama", "tie_word_embeddings": False,
+                        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},
+    "qwen2": {"model_type": "qwen2", "tie_word_embeddings": False},
+    "qwen3": {"model_type": "qwen3", "tie_word_embeddings": True},
 }
 
 

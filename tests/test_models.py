@@ -53,7 +53,7 @@ def test_cached_decode_matches_full_forward(tiny_checkpoint):
 
 
 def test_save_reload_with_transformers(tiny_checkpoint, tmp_path):
-    variant, directory = tiny_checkpoint
+    _, directory = tiny_checkpoint
     model, _ = load_model(directory)
     out = save_pretrained(model, tmp_path / "saved")
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))

@@ -97,7 +97,7 @@ def test_rms_norm_matches_the_pytorch_module(dim):
 
 def _reference_attention(q, keys, values, first_row, positions):
     """SDPA over the cache rows, each token masked to the positions up to its own."""
-    batch, steps, heads, dim = q.shape
+    batch, heads = q.shape[0], q.shape[2]
     length = int(positions.max()) + 1
     k = keys[first_row:first_row + batch, :, :length]
     v = values[first_row:first_row + batch, :, :length]
