@@ -58,7 +58,7 @@ def test_every_kernel_matches_f_linear(kernel):
 
 def test_odd_shapes_only_get_kernels_that_can_run_them():
     assert eligible_kernels(63, 47) == ("gemm",)
-    skinny = ("skinny",) if native.available() else ()
+    skinny = ("skinny", "stream") if native.available() else ()
     assert eligible_kernels(64, 47) == ("gemm", "n_split", *skinny)
     assert eligible_kernels(64, 47, rows=native.MAX_ROWS + 1) == ("gemm", "n_split")
     assert eligible_kernels(48, 47) == ("gemm", "n_split")  # not a whole number of column tiles

@@ -1,5 +1,6 @@
-"""The compiled small-batch matmul: same product as F.linear wherever it runs, a clean None where it
-does not, no autograd surprises, and an off switch."""
+"""The compiled kernels: the small-batch matmuls give F.linear's product wherever they run and a clean
+None where they do not, with no autograd surprises and an off switch; RMSNorm and the decode
+attention match PyTorch's."""
 
 from __future__ import annotations
 
@@ -21,36 +22,42 @@ def _col_major(out_features: int, in_features: int) -> torch.Tensor:
     return torch.randn(out_features, in_features).t().contiguous().t()
 
 
+MATMULS = [native.skinny_matmul, native.stream_matmul]
+
+
+@pytest.mark.parametrize("matmul", MATMULS)
 @pytest.mark.parametrize("out_features", [32, 64, 96, 1024, 2048])  # narrow and wide column tiles
-@pytest.mark.parametrize("in_features", [1, 7, 576])
-def test_matches_f_linear_for_every_row_count(out_features, in_features):
+@pytest.mark.parametrize("in_features", [1, 7, 576])  # 7 and 576: a pass of fewer weight rows at the end
+def test_matches_f_linear_for_every_row_count(matmul, out_features, in_features):
     torch.manual_seed(out_features + in_features)
     weight = _col_major(out_features, in_features)
     for rows in range(1, native.MAX_ROWS + 1):
         x = torch.randn(rows, in_features)
-        torch.testing.assert_close(native.skinny_matmul(x, weight), F.linear(x, weight), atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(matmul(x, weight), F.linear(x, weight), atol=1e-4, rtol=1e-5)
     # Leading dimensions are kept and a non-contiguous input is fine.
     x = torch.randn(in_features, 2, 3).permute(1, 2, 0)
-    torch.testing.assert_close(native.skinny_matmul(x, weight), F.linear(x, weight), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(matmul(x, weight), F.linear(x, weight), atol=1e-4, rtol=1e-5)
 
 
-def test_the_same_result_on_one_thread():
+@pytest.mark.parametrize("matmul", MATMULS)
+def test_the_same_result_on_one_thread(matmul):
     weight, x = _col_major(1024, 64), torch.randn(5, 64)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        single = native.skinny_matmul(x, weight)
+        single = matmul(x, weight)
     finally:
         torch.set_num_threads(threads)
-    torch.testing.assert_close(single, native.skinny_matmul(x, weight), atol=0, rtol=0)
+    torch.testing.assert_close(single, matmul(x, weight), atol=0, rtol=0)
 
 
-def test_calls_it_does_not_take_return_none():
+@pytest.mark.parametrize("matmul", MATMULS)
+def test_calls_it_does_not_take_return_none(matmul):
     weight = _col_major(64, 16)
-    assert native.skinny_matmul(torch.randn(native.MAX_ROWS + 1, 16), weight) is None
-    assert native.skinny_matmul(torch.randn(2, 16).bfloat16(), weight.bfloat16()) is None
-    assert native.skinny_matmul(torch.randn(2, 16), weight.contiguous()) is None  # row-major weight
-    assert native.skinny_matmul(torch.randn(2, 16), _col_major(48, 16)) is None  # not whole column tiles
+    assert matmul(torch.randn(native.MAX_ROWS + 1, 16), weight) is None
+    assert matmul(torch.randn(2, 16).bfloat16(), weight.bfloat16()) is None
+    assert matmul(torch.randn(2, 16), weight.contiguous()) is None  # row-major weight
+    assert matmul(torch.randn(2, 16), _col_major(40, 16)) is None  # not whole vectors of columns
 
 
 def test_training_falls_back_to_autograd():

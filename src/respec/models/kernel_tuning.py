@@ -22,7 +22,7 @@ from torch import nn
 
 from ..atomic import write_text_atomic
 from . import native
-from .linear import KERNELS, ROW_BUCKETS, Linear, eligible_kernels, run_kernel, set_kernel_choices
+from .linear import KERNELS, NATIVE_KERNELS, ROW_BUCKETS, Linear, eligible_kernels, run_kernel, set_kernel_choices
 from .presets import cache_dir
 
 # Matrices smaller than this are tiny test models: their timings are noise and nothing to gain.
@@ -48,7 +48,8 @@ def tunable_weights(modules: Iterable[nn.Module]) -> list[torch.Tensor]:
 def machine_key(dtype: torch.dtype) -> str:
     cpu = _cpu_model()
     # The kernels on offer are part of the key: a table tuned without the compiled kernel is redone.
-    return f"{cpu}|threads={torch.get_num_threads()}|torch={torch.__version__}|{dtype}|native={native.available()}"
+    offered = ",".join(k for k in KERNELS if native.available() or k not in NATIVE_KERNELS)
+    return f"{cpu}|threads={torch.get_num_threads()}|torch={torch.__version__}|{dtype}|kernels={offered}"
 
 
 def tune_linear_kernels(modules: Iterable[nn.Module], cache_file: Path | None = None) -> dict[tuple, str]:

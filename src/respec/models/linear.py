@@ -4,8 +4,8 @@ Decoding multiplies a few rows by every weight matrix, so it is bound by how fas
 from memory. Which kernel streams fastest depends on the CPU: on one machine MKL's GEMM with a
 handful of rows ran on one core (12-13 GB/s) while splitting the output columns or the reduction
 into a batched matmul kept both cores streaming (21-31 GB/s); on another the plain GEMM over the
-column-major weight was the fastest, except at 2-8 rows where a compiled kernel (native.py) that
-streams the weight once beat MKL's GEMM. So ``fast_linear`` picks per weight shape and row count from a
+column-major weight was the fastest, except at 2-8 rows where compiled kernels (native.py) that
+stream the weight once beat MKL's GEMM. So ``fast_linear`` picks per weight shape and row count from a
 table the engine fills by timing the candidates on the model's own weights (kernel_tuning.py), with
 a fixed rule for shapes not timed. The parameter
 keeps the usual ``[out_features, in_features]`` shape, only its memory is column-major, so the
@@ -27,7 +27,8 @@ SPLIT_MAX_ROWS = 48
 # weight) beat splitting the output columns for the layer matrices on the first machine measured.
 K_SPLIT_MAX_ROWS = 4
 
-KERNELS = ("gemm", "k_split", "n_split", "skinny")
+KERNELS = ("gemm", "k_split", "n_split", "skinny", "stream")
+NATIVE_KERNELS = {"skinny": native.skinny_matmul, "stream": native.stream_matmul}
 # Row counts the tuner times; a call with r rows uses the choice made for the largest bucket <= r.
 ROW_BUCKETS = (1, 2, 3, 5, 8, 16, 32, 48)
 _BUCKET_OF = [max((b for b in ROW_BUCKETS if b <= rows), default=1) for rows in range(SPLIT_MAX_ROWS + 1)]
@@ -58,7 +59,7 @@ def eligible_kernels(out_features: int, in_features: int, rows: int | None = Non
     if _num_splits(out_features) > 1:
         kernels.append("n_split")
     if (rows is None or rows <= native.MAX_ROWS) and native.supports(out_features):
-        kernels.append("skinny")
+        kernels += NATIVE_KERNELS
     return tuple(kernels)
 
 
@@ -92,8 +93,8 @@ def clear_kernel_choices() -> None:
 def run_kernel(kernel: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T (+ bias)`` for a column-major CPU ``weight`` with the named kernel."""
     out_features, in_features = weight.shape
-    if kernel == "skinny" and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-        out = native.skinny_matmul(x, weight)
+    if kernel in NATIVE_KERNELS and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        out = NATIVE_KERNELS[kernel](x, weight)
         if out is not None:
             return out if bias is None else out + bias
         kernel = "gemm"  # a call the compiled kernel does not take (dtype, rows); no autograd through it
@@ -116,7 +117,7 @@ def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         return F.linear(x, weight, bias)
     out_features, in_features = weight.shape
     kernel = _chosen.get((out_features, in_features, _BUCKET_OF[rows]))
-    if kernel is None or (kernel == "skinny" and rows > native.MAX_ROWS):
+    if kernel is None or (kernel in NATIVE_KERNELS and rows > native.MAX_ROWS):
         kernel = default_kernel(rows, out_features, in_features)
     return run_kernel(kernel, x, weight, bias)
 

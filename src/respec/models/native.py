@@ -1,8 +1,8 @@
 """Compiled CPU kernels for decoding, built once per machine with the system C compiler.
 
-``skinny_matmul.c``: the small-batch matmul, one more kernel for ``fast_linear`` to choose from
-(kernel_tuning times it against the BLAS kernels on the model's own weights and keeps it only where
-it is faster). ``rms_norm.c``: RMSNorm in one call instead of ~7 small ops. ``decode_attention.c``:
+``skinny_matmul.c``: two small-batch matmuls, more kernels for ``fast_linear`` to choose from
+(kernel_tuning times them against the BLAS kernels on the model's own weights and keeps one only
+where it is faster). ``rms_norm.c``: RMSNorm in one call instead of ~7 small ops. ``decode_attention.c``:
 attention of a few new tokens per row over the KV cache, reading each row's keys and values once and
 only up to that row's own length. All are inference-only:
 calls that need autograd, other dtypes or devices get ``None`` and run the PyTorch code. When the
@@ -48,6 +48,10 @@ def supports(out_features: int) -> bool:
 def skinny_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     """``x @ weight.T`` for a column-major fp32 CPU ``weight`` and at most ``MAX_ROWS`` rows of ``x``;
     None when the kernel cannot run this call (the caller uses another kernel)."""
+    return _matmul(x, weight, "skinny_matmul")
+
+
+def _matmul(x: torch.Tensor, weight: torch.Tensor, kernel: str) -> torch.Tensor | None:
     lib = _library()
     out_features, in_features = weight.shape
     rows = x.numel() // in_features
@@ -58,9 +62,14 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
         return None
     flat = x.reshape(rows, in_features).contiguous()
     out = torch.empty(rows, out_features, dtype=torch.float32)
-    if lib.skinny_matmul(flat.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, in_features, out_features):
+    if getattr(lib, kernel)(flat.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, in_features, out_features):
         return None
     return out.reshape(*x.shape[:-1], out_features)
+
+
+def stream_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """As ``skinny_matmul``, by the kernel that walks the weight's rows in order (wide weights)."""
+    return _matmul(x, weight, "stream_matmul")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
@@ -123,6 +132,8 @@ def _load() -> ctypes.CDLL | None:
         return None  # no working compiler or an unwritable cache: the BLAS kernels serve alone
     lib.skinny_matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3
     lib.skinny_matmul.restype = ctypes.c_int
+    lib.stream_matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3
+    lib.stream_matmul.restype = ctypes.c_int
     lib.rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2 + [ctypes.c_float]
     lib.rms_norm.restype = None
     lib.decode_attention.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 3 + [ctypes.c_void_p] * 4 \
