@@ -141,3 +141,34 @@ def test_decode_attention_declines_what_it_cannot_run():
     assert native.decode_attention(torch.randn(1, 1, 2, 16), keys, values, 0, positions.int(), 0.25) is None
     assert native.decode_attention(torch.randn(1, 1, 2, 16, requires_grad=True), keys, values, 0, positions,
                                    0.25) is None
+
+
+def test_rope_and_cache_matches_apply_rope_and_writes_only_the_new_positions():
+    from respec.models.config import RopeConfig
+    from respec.models.rope import apply_rope, rope_table
+
+    torch.manual_seed(5)
+    heads, kv_heads, dim, slots, max_len, first_row = 4, 2, 16, 5, 32, 1
+    cos_table, sin_table = rope_table(RopeConfig(), dim, max_len)
+    positions = torch.tensor([[3, 4, 5], [0, 1, 2], [29, 30, 31]])
+    cos, sin = cos_table[positions].unsqueeze(2), sin_table[positions].unsqueeze(2)
+    qkv = torch.randn(3, 3, heads + 2 * kv_heads, dim)  # the model's qkv view: strided q/k and v
+    qk, v = qkv[:, :, :heads + kv_heads], qkv[:, :, heads + kv_heads:]
+    keys, values = torch.randn(slots, kv_heads, max_len, dim), torch.randn(slots, kv_heads, max_len, dim)
+    before_keys, before_values = keys.clone(), values.clone()
+
+    assert native.rope_and_cache(qk, v, cos, sin, keys, values, first_row, positions + 1, read_only=False) is None
+    assert torch.equal(keys, before_keys) and torch.equal(values, before_values)  # out of the cache: nothing written
+    q = native.rope_and_cache(qk, v, cos, sin, keys, values, first_row, positions, read_only=True)
+    rotated = apply_rope(qk, cos, sin)
+    torch.testing.assert_close(q, rotated[:, :, :heads], atol=1e-6, rtol=1e-6)
+    assert torch.equal(keys, before_keys) and torch.equal(values, before_values)
+
+    native.rope_and_cache(qk, v, cos, sin, keys, values, first_row, positions, read_only=False)
+    rows = torch.arange(3)[:, None].expand(3, 3) + first_row
+    torch.testing.assert_close(keys[rows, :, positions], rotated[:, :, heads:], atol=1e-6, rtol=1e-6)
+    assert torch.equal(values[rows, :, positions], v)
+    written = torch.zeros(slots, max_len, dtype=torch.bool)
+    written[rows, positions] = True
+    untouched = ~written[:, None, :, None].expand_as(keys)
+    assert torch.equal(keys[untouched], before_keys[untouched]) and torch.equal(values[untouched], before_values[untouched])

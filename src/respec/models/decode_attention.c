@@ -118,6 +118,40 @@ static void weighted_values(const float *probs, const float *values, const float
         for (long d = 0; d < dim; d += VEC) vstore(outs[i] + d, vload(outs[i] + d) / sums[i]);
 }
 
+/* out = x * cos + roll(x, D / 2) * signed_sin, as models/rope.py's apply_rope. */
+static void rotate(const float *x, const float *cos, const float *sin, float *out, long dim) {
+    long half = dim / 2;
+    for (long d = 0; d < half; d++) {
+        out[d] = x[d] * cos[d] + x[d + half] * sin[d];
+        out[d + half] = x[d + half] * cos[d + half] + x[d] * sin[d + half];
+    }
+}
+
+/* The new tokens' part of attention in one call instead of ~10 small ops: rotates the queries of
+ * qk [B, T, H + KV, D] (strides qk_row, qk_token; heads contiguous) into q_out [B, T, H, D]; unless
+ * read_only, rotates the keys and stores them and the values v [B, T, KV, D] (strides v_row,
+ * v_token) at each token's position in the cache rows [B, KV, max_len, D]. cos/sin: [B, T, D].
+ * 0 on success; -1, having done nothing, when a position is outside the cache. */
+int rope_and_cache(const float *qk, long qk_row, long qk_token, const float *v, long v_row, long v_token,
+                    const float *cos, const float *sin, float *q_out, float *k_cache, float *v_cache,
+                    int read_only, const long *pos, long B, long T, long H, long KV, long D, long max_len) {
+    for (long bt = 0; bt < B * T; bt++)
+        if (pos[bt] < 0 || pos[bt] >= max_len) return -1;
+#pragma omp parallel for schedule(static) if (B * T >= 16)
+    for (long bt = 0; bt < B * T; bt++) {
+        const float *token = qk + (bt / T) * qk_row + (bt % T) * qk_token, *c = cos + bt * D, *s = sin + bt * D;
+        for (long h = 0; h < H; h++) rotate(token + h * D, c, s, q_out + (bt * H + h) * D, D);
+        if (read_only) continue;
+        const float *value = v + (bt / T) * v_row + (bt % T) * v_token;
+        for (long g = 0; g < KV; g++) {
+            long at = (((bt / T) * KV + g) * max_len + pos[bt]) * D;
+            rotate(token + (H + g) * D, c, s, k_cache + at, D);
+            memcpy(v_cache + at, value + g * D, D * sizeof(float));
+        }
+    }
+    return 0;
+}
+
 /* 0 on success; -1 when the shape is not handled (the caller uses PyTorch's attention). */
 int decode_attention(const float *q, long q_row, long q_token, long q_head, const float *k, const float *v,
                      const long *pos, float *out, long B, long T, long H, long KV, long D, long max_len,

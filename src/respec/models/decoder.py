@@ -90,25 +90,31 @@ class Attention(nn.Module):
         qk, v = qkv[:, :, : heads + kv_heads], qkv[:, :, heads + kv_heads:]
         if self.q_norm is not None:
             qk = torch.cat((self.q_norm(qk[:, :, :heads]), self.k_norm(qk[:, :, heads:])), dim=2)
-        qk = apply_rope(qk, ctx.cos, ctx.sin)  # q and k rotated together: one set of ops
         if ctx.cache is not None:
-            out = self._cached_attention(qk[:, :, :heads], qk[:, :, heads:], v, ctx)
+            out = self._cached_attention(qk, v, ctx)
         else:
+            qk = apply_rope(qk, ctx.cos, ctx.sin)  # q and k rotated together: one set of ops
             q, k, v = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2), v.transpose(1, 2)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.mask is None,
                                                  enable_gqa=kv_heads != heads).transpose(1, 2)
         return self.o_proj(out.reshape(batch, steps, self.q_size))
 
-    def _cached_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """Write the new keys/values ``[B, T, kv_heads, D]`` into the cache; attend from ``q [B, T, heads, D]``
-        over each row's cache up to each token's position; ``[B, T, heads, D]``."""
+    def _cached_attention(self, qk: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """Rotate ``qk [B, T, heads + kv_heads, D]``, write the new keys and values ``v`` into the cache
+        and attend over each row's cache up to each token's position; ``[B, T, heads, D]``. Decode-sized
+        calls run as two compiled calls on CPU (native.py), the rest as PyTorch ops."""
         keys, values = ctx.cache.keys[self.layer_index], ctx.cache.values[self.layer_index]
-        k, v = write_and_read_cache(keys, values, k.transpose(1, 2), v.transpose(1, 2), ctx)
-        if ctx.positions is not None and q.shape[1] <= native.ATTENTION_MAX_TOKENS:
-            fused = native.decode_attention(q, keys, values, ctx.rows.start or 0, ctx.positions, self.head_dim ** -0.5)
-            if fused is not None:
-                return fused
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=ctx.mask,
+        first_row = ctx.rows.start or 0
+        if ctx.positions is not None and qk.shape[1] <= native.ATTENTION_MAX_TOKENS:
+            q = native.rope_and_cache(qk, v, ctx.cos, ctx.sin, keys, values, first_row, ctx.positions,
+                                      read_only=ctx.write_index is None)
+            if q is not None:
+                fused = native.decode_attention(q, keys, values, first_row, ctx.positions, self.head_dim ** -0.5)
+                if fused is not None:
+                    return fused
+        qk = apply_rope(qk, ctx.cos, ctx.sin)
+        k, v = write_and_read_cache(keys, values, qk[:, :, self.num_heads:].transpose(1, 2), v.transpose(1, 2), ctx)
+        out = F.scaled_dot_product_attention(qk[:, :, :self.num_heads].transpose(1, 2), k, v, attn_mask=ctx.mask,
                                              enable_gqa=self.num_kv_heads != self.num_heads)
         return out.transpose(1, 2)
 

@@ -85,6 +85,35 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     return out
 
 
+def rope_and_cache(qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   key_cache: torch.Tensor, value_cache: torch.Tensor, first_row: int, positions: torch.Tensor,
+                   read_only: bool) -> torch.Tensor | None:
+    """RoPE for the new tokens ``qk [B, T, heads + kv_heads, D]`` (cos/sin ``[B, T, 1, D]``) and, unless
+    ``read_only``, their rotated keys and values ``v [B, T, kv_heads, D]`` stored at ``positions`` in
+    cache rows ``first_row..``; returns the rotated queries ``[B, T, heads, D]``, or None when the
+    kernel cannot run this call (nothing is then written)."""
+    lib = _library()
+    batch, steps, heads_and_kv, dim = qk.shape
+    _, kv_heads, max_len, _ = key_cache.shape
+    if lib is None or not _fp32_cpu(qk, v, cos, sin, key_cache, value_cache) or qk.stride(3) != 1 \
+            or qk.stride(2) != dim or v.stride(3) != 1 or v.stride(2) != dim or not cos.is_contiguous() \
+            or not sin.is_contiguous() or not key_cache.is_contiguous() or not value_cache.is_contiguous() \
+            or positions.dtype != torch.int64 or (torch.is_grad_enabled() and (qk.requires_grad or v.requires_grad)):
+        return None
+    positions = positions.contiguous()
+    q_out = torch.empty(batch, steps, heads_and_kv - kv_heads, dim, dtype=torch.float32)
+    if lib.rope_and_cache(qk.data_ptr(), qk.stride(0), qk.stride(1), v.data_ptr(), v.stride(0), v.stride(1),
+                          cos.data_ptr(), sin.data_ptr(), q_out.data_ptr(), key_cache[first_row].data_ptr(),
+                          value_cache[first_row].data_ptr(), int(read_only), positions.data_ptr(), batch, steps,
+                          heads_and_kv - kv_heads, kv_heads, dim, max_len):
+        return None
+    return q_out
+
+
+def _fp32_cpu(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+
+
 def decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, first_row: int,
                      positions: torch.Tensor, scale: float) -> torch.Tensor | None:
     """Attention of ``q [B, T, H, D]`` (D contiguous) over cache rows ``first_row..first_row + B`` of
@@ -139,6 +168,9 @@ def _load() -> ctypes.CDLL | None:
     lib.decode_attention.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 3 + [ctypes.c_void_p] * 4 \
         + [ctypes.c_long] * 6 + [ctypes.c_float]
     lib.decode_attention.restype = ctypes.c_int
+    lib.rope_and_cache.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 2 + [ctypes.c_void_p] + [ctypes.c_long] * 2 \
+        + [ctypes.c_void_p] * 5 + [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_long] * 6
+    lib.rope_and_cache.restype = ctypes.c_int
     return lib
 
 
