@@ -131,6 +131,21 @@ def test_profile_is_cached_on_disk(tiny_llama, tmp_path):
     assert np.array_equal(again.table, first.table)
 
 
+def test_profile_is_retaken_when_the_kernels_change(tiny_llama, tmp_path):
+    from respec.models.linear import clear_kernel_choices, kernel_choices, set_kernel_choices
+
+    model, _ = load_model(tiny_llama)
+    CostModel.profile(model, 4, 3, cache_dir=tmp_path, repeats=1)
+    saved = kernel_choices()
+    try:
+        set_kernel_choices({(12345, 64, 1): "gemm"})  # another tuned table: the old timings no longer hold
+        CostModel.profile(model, 4, 3, cache_dir=tmp_path, repeats=1)
+    finally:
+        clear_kernel_choices()
+        set_kernel_choices(saved)
+    assert len(list((tmp_path / "profiles").glob("*.json"))) == 2
+
+
 # ------------------------------------------------------------------------------------------ decisions
 
 def controller(explore: str = "none", seed: int = 0, drafters=None, **kwargs) -> AdaptiveController:

@@ -22,8 +22,10 @@ import numpy as np
 import torch
 
 from ..atomic import write_text_atomic
-from ..models import presets
+from ..models import native, presets
 from ..models.decoder import DecoderLM
+from ..models.kernel_tuning import machine_key
+from ..models.linear import kernel_choices
 from .cache import KVCache
 
 # Once a grid cell has a few measurements, one step counts as at most this factor off its estimate:
@@ -193,6 +195,10 @@ def _cache_path(model: DecoderLM, batches: list[int], max_tokens: int,
     if str(cache_dir) == "":
         return None
     device = model.device
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu{torch.get_num_threads()}"
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+    else:  # the CPU, its threads and the kernels the step runs (a new kernel or table makes timings stale)
+        choices = sorted(f"{shape}:{kernel}" for shape, kernel in kernel_choices().items())
+        device_name = f"{machine_key(model.dtype)}|{native.build_tag()}|{choices}"
     key = json.dumps([repr(model.config), str(model.dtype), device_name, batches, max_tokens, PROFILE_CONTEXT])
     return Path(cache_dir) / "profiles" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"

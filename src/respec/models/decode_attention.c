@@ -49,14 +49,14 @@ static inline vec vexp(vec x) {
     return lane_select(live, y * scale, splat(0.0f));
 }
 
-typedef float half __attribute__((vector_size(VEC / 2 * sizeof(float))));
-typedef float quarter __attribute__((vector_size(VEC / 4 * sizeof(float))));
-
-/* Sum of the lanes as a tree of halvings: 4 dependent adds instead of 16. */
+/* Sum of the lanes as a tree of halvings (4 dependent adds instead of 16); compilers turn the
+ * halving loops into vector shuffles. */
 static inline float lane_sum(vec a) {
-    half h = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
-    quarter q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
-    return (q[0] + q[2]) + (q[1] + q[3]);
+    float lanes[VEC];
+    memcpy(lanes, &a, sizeof(lanes));
+    for (int width = VEC / 2; width > 0; width /= 2)
+        for (int j = 0; j < width; j++) lanes[j] += lanes[j + width];
+    return lanes[0];
 }
 
 static inline float dot(const float *a, const float *b, long dim) {

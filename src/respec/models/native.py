@@ -136,6 +136,12 @@ def decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
     return out
 
 
+def build_tag() -> str:
+    """Identifies the compiled kernels in use (sources, flags, CPU), "off" without them: timings
+    taken with other kernels are stale."""
+    return str(_state.get("tag", "off")) if _library() is not None else "off"
+
+
 def _library() -> ctypes.CDLL | None:
     if "lib" in _state:
         return _state["lib"]  # type: ignore[return-value]
@@ -157,6 +163,7 @@ def _load() -> ctypes.CDLL | None:
         if not path.is_file():
             _build(command, path)
         lib = ctypes.CDLL(str(path))
+        _state["tag"] = tag
     except (OSError, subprocess.SubprocessError):
         return None  # no working compiler or an unwritable cache: the BLAS kernels serve alone
     lib.skinny_matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3
