@@ -171,4 +171,5 @@ def test_rope_and_cache_matches_apply_rope_and_writes_only_the_new_positions():
     written = torch.zeros(slots, max_len, dtype=torch.bool)
     written[rows, positions] = True
     untouched = ~written[:, None, :, None].expand_as(keys)
-    assert torch.equal(keys[untouched], before_keys[untouched]) and torch.equal(values[untouched], before_values[untouched])
+    assert torch.equal(keys[untouched], before_keys[untouched])
+    assert torch.equal(values[untouched], before_values[untouched])

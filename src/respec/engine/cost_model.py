@@ -3,8 +3,9 @@
 The target's time for a forward over ``tokens`` new positions in each of ``batch`` rows is profiled
 once on a grid (batch 1, 2, 4, ... x tokens 1 .. K+1) and cached on disk per model, device, dtype and
 thread count, and on CPU per CPU model and kernels in use (kernel set, tuned table, compiled build),
-since a faster kernel makes the old timings wrong. Each step's measured time then corrects the grid entry it fell on (an exponentially
-weighted ratio measured / profiled; at first a mean with the prior), which also absorbs
+since a faster kernel makes the old timings wrong. Each step's measured time then corrects the grid
+entry it fell on (an exponentially weighted ratio measured / profiled; at first a mean with the
+prior), which also absorbs
 what the profile leaves out (sampling, verification, book-keeping). An entry not measured yet borrows
 the correction of the nearest measured batch size with the same tokens per row: that overhead changes
 slowly with the batch, so a decaying batch (a rollout's long tail) does not pay to learn it again at

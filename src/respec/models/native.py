@@ -123,8 +123,8 @@ def decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
     lib = _library()
     batch, steps, heads, dim = q.shape
     _, kv_heads, max_len, _ = key_cache.shape
-    if lib is None or q.dtype != torch.float32 or key_cache.dtype != torch.float32 or q.device.type != "cpu" \
-            or q.stride(3) != 1 or positions.dtype != torch.int64 or not key_cache.is_contiguous() or not value_cache.is_contiguous() \
+    if lib is None or not _fp32_cpu(q, key_cache, value_cache) or q.stride(3) != 1 or positions.dtype != torch.int64 \
+            or not key_cache.is_contiguous() or not value_cache.is_contiguous() \
             or (torch.is_grad_enabled() and q.requires_grad):
         return None
     positions = positions.contiguous()
