@@ -164,7 +164,7 @@ def cmd_drafter_train(args: argparse.Namespace) -> int:
                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, depths=args.k,
                            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                            draft_vocab_size=args.draft_vocab_size, seed=args.seed, examples=args.examples,
-                           init_from=args.init_from)
+                           init_from=args.init_from, held_out=args.held_out)
     run_offline(config)
     return 0
 
@@ -245,6 +245,8 @@ def _add_drafter(sub: argparse._SubParsersAction) -> None:
                        help="answers file (JSONL): read when it exists, else written after generating")
     train.add_argument("--init-from", default=None,
                        help="continue training this saved head (keeps its draft vocabulary)")
+    train.add_argument("--held-out", type=float, default=0.1,
+                       help="fraction of the answers (the first ones) kept out of training to report on")
     train.set_defaults(func=cmd_drafter_train)
 
 

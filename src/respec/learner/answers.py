@@ -25,8 +25,8 @@ ANSWERS_FORMAT = "respec-drafter-answers-v1"
 class Example:
     tokens: torch.Tensor  # [T] prompt + response
     prompt_len: int
-    features: torch.Tensor | None = None  # [T, 3D]
-    logits: torch.Tensor | None = None  # [T, V'] (bf16 to halve memory)
+    features: torch.Tensor | None = None  # [T, 3D] (bf16 to halve memory)
+    logits: torch.Tensor | None = None  # [T - prompt_len + 1, V']: only the trained entries (bf16)
 
 
 def save_answers(path: str | os.PathLike, examples: list[Example], header: dict) -> None:
