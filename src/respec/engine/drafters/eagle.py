@@ -12,6 +12,8 @@ While the controller runs other arms, the engine captures the fused layers in th
 ``shadow`` appends them to the pending block (up to ``shadow_limit`` entries per row), so switching
 the head back on costs no target pass: ``catch_up`` runs the block through the head in one extend
 forward. Past the limit a row stops growing and ``catch_up`` re-reads the rest from the target first.
+The limit is long (256) because an RL rollout's tail, where the head pays again, comes after a
+stretch of large-batch AR steps; the block costs 3 x hidden_size values per entry and row.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class EagleDrafter(Drafter):
     catch_up_kind = "target"
     shadows = True
 
-    def __init__(self, head: EagleHead, target: DecoderLM, shadow_limit: int = 64) -> None:
+    def __init__(self, head: EagleHead, target: DecoderLM, shadow_limit: int = 256) -> None:
         head.config.check_target(target.config)
         if shadow_limit < 0:
             raise ValueError(f"shadow_limit: must be >= 0 entries per row, got {shadow_limit}")
