@@ -141,6 +141,10 @@ def test_decode_attention_declines_what_it_cannot_run():
     assert native.decode_attention(torch.randn(1, 1, 2, 16), keys, values, 0, positions.int(), 0.25) is None
     assert native.decode_attention(torch.randn(1, 1, 2, 16, requires_grad=True), keys, values, 0, positions,
                                    0.25) is None
+    limit = native.attention_max_tokens()  # the C source's own limit, read from the library
+    assert limit == 64
+    long_block = torch.zeros(1, limit + 1, dtype=torch.long)
+    assert native.decode_attention(torch.randn(1, limit + 1, 2, 16), keys, values, 0, long_block, 0.25) is None
 
 
 def test_rope_and_cache_matches_apply_rope_and_writes_only_the_new_positions():

@@ -152,11 +152,16 @@ int rope_and_cache(const float *qk, long qk_row, long qk_token, const float *v, 
     return 0;
 }
 
+/* New tokens per row one call takes: they size the per-(row, kv head) arrays on the stack. */
+#define MAX_NEW_TOKENS 64
+
+long decode_attention_max_tokens(void) { return MAX_NEW_TOKENS; }
+
 /* 0 on success; -1 when the shape is not handled (the caller uses PyTorch's attention). */
 int decode_attention(const float *q, long q_row, long q_token, long q_head, const float *k, const float *v,
                      const long *pos, float *out, long B, long T, long H, long KV, long D, long max_len,
                      float scale) {
-    if (D % VEC || H % KV || T > 64) return -1;
+    if (D % VEC || H % KV || T > MAX_NEW_TOKENS) return -1;
     long group = H / KV, n = T * group;
     int failed = 0;
 #pragma omp parallel for schedule(dynamic) reduction(| : failed)

@@ -105,7 +105,7 @@ class Attention(nn.Module):
         calls run as two compiled calls on CPU (native.py), the rest as PyTorch ops."""
         keys, values = ctx.cache.keys[self.layer_index], ctx.cache.values[self.layer_index]
         first_row = ctx.rows.start or 0
-        if ctx.positions is not None and qk.shape[1] <= native.ATTENTION_MAX_TOKENS:
+        if ctx.positions is not None and qk.shape[1] <= native.attention_max_tokens():
             q = native.rope_and_cache(qk, v, ctx.cos, ctx.sin, keys, values, first_row, ctx.positions,
                                       read_only=ctx.write_index is None)
             if q is not None:

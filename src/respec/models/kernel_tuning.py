@@ -66,7 +66,7 @@ def tune_linear_kernels(modules: Iterable[nn.Module], cache_file: Path | None = 
     if str(cache_file) not in _known:
         _known[str(cache_file)] = _read_saved(cache_file)
     saved = _known[str(cache_file)]
-    keys = {dtype: machine_key(dtype) for dtype in {shape[2] for shape in by_shape}}  # reads /proc/cpuinfo
+    keys = {dtype: machine_key(dtype) for dtype in {shape[2] for shape in by_shape}}
     entries = {shape: saved.setdefault(keys[shape[2]], {}) for shape in by_shape}
     changed = False
     with torch.no_grad():
@@ -113,12 +113,9 @@ def fastest_kernels(groups: dict[tuple, list[torch.Tensor]], rows: int) -> dict[
 
 
 def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    for line in native.cpu_info().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
 
 

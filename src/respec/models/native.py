@@ -14,6 +14,7 @@ before. It links the OpenMP runtime torch ships, so both share one thread pool a
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -30,7 +31,6 @@ from .presets import cache_dir
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("skinny_matmul.c", "rms_norm.c", "decode_attention.c"))
 DISABLE_ENV = "RESPEC_NATIVE_KERNELS"
 MAX_ROWS = 8
-ATTENTION_MAX_TOKENS = 64  # new tokens per row the attention kernel takes (a decode step or a verify block)
 COLUMN_MULTIPLE = 32  # output features must be a multiple of the narrowest column tile
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": the loaded library or None once a build was tried
@@ -110,6 +110,12 @@ def rope_and_cache(qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: to
     return q_out
 
 
+def attention_max_tokens() -> int:
+    """New tokens per row ``decode_attention`` takes (a decode step or a verify block; the C source
+    sets it); 0 without the compiled library."""
+    return _state.get("attention_max_tokens", 0) if _library() is not None else 0  # type: ignore[return-value]
+
+
 def _fp32_cpu(*tensors: torch.Tensor) -> bool:
     return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
 
@@ -178,6 +184,8 @@ def _load() -> ctypes.CDLL | None:
     lib.rope_and_cache.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 2 + [ctypes.c_void_p] + [ctypes.c_long] * 2 \
         + [ctypes.c_void_p] * 5 + [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_long] * 6
     lib.rope_and_cache.restype = ctypes.c_int
+    lib.decode_attention_max_tokens.restype = ctypes.c_long
+    _state["attention_max_tokens"] = int(lib.decode_attention_max_tokens())
     return lib
 
 
@@ -202,8 +210,15 @@ def _openmp_flags() -> list[str]:
 
 def _cpu_flags() -> str:
     # -march=native code is only valid on this CPU: a cache shared between machines must not mix them.
+    lines = cpu_info().splitlines()
+    return "\n".join(line for line in lines if line.startswith(("flags", "Features", "model name"))) \
+        or platform.processor()
+
+
+@functools.cache
+def cpu_info() -> str:
+    """The first CPU's block of /proc/cpuinfo (empty where there is none), read once per process."""
     try:
-        first_cpu = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+        return Path("/proc/cpuinfo").read_text().split("\n\n")[0]
     except OSError:
-        return platform.processor()
-    return "\n".join(line for line in first_cpu.splitlines() if line.startswith(("flags", "Features", "model name")))
+        return ""
