@@ -48,6 +48,26 @@ def test_answers_are_saved_then_reused_and_training_continues(tiny_llm, tiny_lla
     assert json.loads((second / "training.json").read_text())["init_from"] == str(first)
 
 
+def test_batches_carry_the_targets_features_and_draft_vocabulary_logits(tiny_llm):
+    """What the head is trained on: the fused layers at every position and the target's logits over
+    the draft vocabulary at the trained ones (from prompt_len - 1), stored compactly in between."""
+    model = tiny_llm.model
+    examples = [Example(torch.tensor([3, 7, 9, 4, 11, 2]), 3), Example(torch.tensor([5, 6, 8, 10]), 1)]
+    layers, vocab = (0, 1, 1), torch.tensor([2, 4, 9, 11, 17])
+    offline.extract_targets(model, examples, layers, vocab)
+    batch = offline.make_batch(examples, model.device)
+    for row, ex in enumerate(examples):
+        n = len(ex.tokens)
+        with torch.no_grad():
+            out = model(ex.tokens[None], capture_layers=layers)
+            logits = model.logits(out.hidden)[0, :, vocab]
+        features = torch.cat([out.captured[layer] for layer in layers], dim=-1)[0]
+        torch.testing.assert_close(batch.features[row, :n], features, atol=2e-2, rtol=1e-2)  # stored in bf16
+        trained = slice(ex.prompt_len - 1, n)
+        torch.testing.assert_close(batch.target_logits[row, trained], logits[trained], atol=2e-2, rtol=1e-2)
+        assert not batch.target_logits[row, : ex.prompt_len - 1].any()  # never trained on: not kept
+
+
 def _write(path, header: dict, rows: list[str]) -> None:
     path.write_text("\n".join([json.dumps(header), *rows]) + "\n")
 
