@@ -254,7 +254,7 @@ def test_a_shadowed_drafter_pays_only_its_own_extend_pass():
     reread_all = ctl.switch_time(Arm("eagle", 2), 8)
     ctl.drafter_lag("eagle", 0)
     own = ctl.switch_time(Arm("eagle", 2), 8)
-    assert own == pytest.approx(0.002 * 40 / 4)
+    assert own == pytest.approx(0.002 * ctl.cost._profiled(8, 40) / ctl.cost._profiled(8, 1))
     assert reread_all == pytest.approx(ctl.cost._profiled(8, 40) + own)
 
 

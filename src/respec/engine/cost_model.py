@@ -109,13 +109,20 @@ class CostModel:
     def _catch_up_model(self, kind: str, drafter: str, batch: int, missed: float, reread: float | None) -> float:
         if missed <= 0 or kind == "none":
             return 0.0
-        # The drafter's own extend pass over the missed entries: no logits, so a few entries cost
-        # about one draft step (which is mostly the vocabulary projection).
-        own = self.draft_time(drafter, batch, 1) * max(1.0, missed / 4)
+        own = self.draft_time(drafter, batch, 1) * self._extend_factor(batch, missed)
         reread = missed if reread is None else reread
         if kind == "target" and reread > 0:  # a read-only target pass over the positions not shadowed
             return self._profiled(batch, max(1, round(reread))) + own
         return own
+
+    def _extend_factor(self, batch: int, entries: float) -> float:
+        """The drafter's own extend pass over ``entries`` per row, in draft steps: it grows with the
+        entries as a target forward over as many tokens per row grows over a one-token step, since
+        both are one weight read plus per-token work (flat while memory bound at small batch, linear
+        once compute bound at large batch); at least one step, as a pass costs a call like a step."""
+        if entries <= 1:
+            return 1.0
+        return max(1.0, self._profiled(batch, max(1, round(entries))) / self._profiled(batch, 1))
 
     def record_catch_up(self, kind: str, drafter: str, batch: int, missed: float, seconds: float,
                         reread: float | None = None) -> None:
