@@ -214,15 +214,40 @@ def test_a_drafter_that_sat_out_long_stays_explorable():
 
 
 def test_thompson_retries_a_drafter_that_two_rejections_would_lock_out():
-    """Choosing on the posterior mean gives up on a drafter after two unlucky steps (at batch 2 here);
-    a Thompson draw keeps trying it while it may well be the better arm."""
-    greedy, thompson = controller(), controller("thompson", seed=1)
+    """With a thin prior (one row-step), choosing on the posterior mean gives up on a drafter after
+    two unlucky steps (at batch 2 here); a Thompson draw keeps trying it while it may well be the
+    better arm."""
+    greedy, thompson = controller(prior_weight=1.0), controller("thompson", seed=1, prior_weight=1.0)
     for ctl in (greedy, thompson):
         for _ in range(2):
             ctl.acceptance["eagle"].record(np.zeros(2, dtype=np.int64), 1)
     assert [greedy.choose(2) for _ in range(50)] == [OFF] * 50
     tried = sum(thompson.choose(2).drafter is not None for _ in range(50))
     assert 5 <= tried < 50
+
+
+def test_the_default_prior_survives_two_unlucky_steps():
+    """The same two steps with the default prior (four row-steps): greedy choice still drafts."""
+    ctl = controller()
+    for _ in range(2):
+        ctl.acceptance["eagle"].record(np.zeros(2, dtype=np.int64), 1)
+    assert ctl.choose(2).drafter == "eagle"
+
+
+def test_a_fresh_set_of_rows_leaves_nothing_to_catch_up(target):
+    """Each generate call prefills every drafter for its rows: what a drafter missed in the previous
+    call is not charged again as a catch-up."""
+    model, tokenizer = target
+    llm = LLM(model, tokenizer=tokenizer, drafter=["ngram"],
+              speculative=ControllerConfig(k_choices=(1,), max_draft_tokens=1, profile_cache=""), max_num_seqs=2)
+    ctl = llm.engine.controller
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    llm.generate([[3, 4, 5]], params, progress=False)
+    ctl.missed["ngram"] = ctl.reread["ngram"] = 7.0  # as if it sat out the end of that call
+    seen, choose = [], ctl.choose
+    ctl.choose = lambda batch: seen.append((ctl.missed["ngram"], ctl.reread["ngram"])) or choose(batch)
+    llm.generate([[6, 7, 8]], params, progress=False)
+    assert seen[0] == (0.0, 0.0)
 
 
 def test_a_new_drafter_version_relaxes_its_acceptance_estimate():
@@ -309,6 +334,9 @@ class CyclingController:
         pass
 
     def drafter_lag(self, *args) -> None:
+        pass
+
+    def drafters_synced(self) -> None:
         pass
 
 

@@ -184,6 +184,8 @@ class Engine:
         for each in self.drafters.values():
             each.allocate(rows, max_len, self.draft_tokens + 1)
         self._synced = set(self.drafters)
+        if self.controller is not None:
+            self.controller.drafters_synced()
 
     # ---------------------------------------------------------------- the loop
     @torch.inference_mode()
