@@ -226,14 +226,6 @@ def test_thompson_retries_a_drafter_that_two_rejections_would_lock_out():
     assert 5 <= tried < 50
 
 
-def test_the_default_prior_survives_two_unlucky_steps():
-    """The same two steps with the default prior (four row-steps): greedy choice still drafts."""
-    ctl = controller()
-    for _ in range(2):
-        ctl.acceptance["eagle"].record(np.zeros(2, dtype=np.int64), 1)
-    assert ctl.choose(2).drafter == "eagle"
-
-
 def test_a_fresh_set_of_rows_leaves_nothing_to_catch_up(target):
     """Each generate call prefills every drafter for its rows: what a drafter missed in the previous
     call is not charged again as a catch-up."""

@@ -51,10 +51,11 @@ class ControllerConfig:
     acceptance_memory: float = 64.0
     cost_decay: float = 0.8  # per measurement: weight of the past in the cost corrections
     prior_acceptance: float = 0.6  # per-position acceptance assumed before a drafter is measured
-    # Row-steps of evidence the prior counts as: at batch 1 one step is one draw per position, and with
-    # a weight of 1 two unlucky first steps put a good drafter at a third of its rate, below every other
-    # arm, where greedy choice never tries it again (seen with the EAGLE head at batch 1).
-    prior_weight: float = 4.0
+    # Row-steps of evidence the prior counts as. 4 was tried (session 12): it keeps a drafter that two
+    # unlucky batch-1 steps put below every arm in play, but it also keeps rarely reached draft
+    # positions at the prior, so k = 2 arms looked better than they are and batch 4 ran them (0.82x
+    # the best vs 0.98x with 1). Exploration (epsilon, or Thompson) is what retries a locked-out drafter.
+    prior_weight: float = 1.0
     explore: str = "epsilon"
     epsilon: float = 0.02
     explore_margin: float = 0.25  # explore only arms whose predicted goodput is within this share of the best
