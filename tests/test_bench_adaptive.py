@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import json
 
-from respec.bench_adaptive import format_adaptive_table, long_tail_budgets, run_adaptive_bench, write_json
+from respec.bench_adaptive import _params, format_adaptive_table, long_tail_budgets, run_adaptive_bench, write_json
 
 
 def test_long_tail_budgets_are_heavy_tailed_and_capped():
     budgets = long_tail_budgets(1000, 16, 256, 1.2, seed=0)
     assert min(budgets) >= 16 and max(budgets) == 256
     assert sorted(budgets)[500] < 40 < sum(budgets) / len(budgets)  # median well below the mean
+
+
+def test_each_repeat_samples_new_answers_with_seeds_shared_by_every_system():
+    """A static arm's answers are a function of the seeds: with the same seeds in every repeat the
+    median would average timing noise only, never the luck of one sampled answer (its acceptance)."""
+    first, again, second = _params([8, 9], 0.7, 0, 0), _params([8, 9], 0.7, 0, 0), _params([8, 9], 0.7, 0, 1)
+    assert [p.seed for p in first] == [p.seed for p in again]
+    assert len({p.seed for p in first + second}) == 4
+    assert [p.max_new_tokens for p in second] == [8, 9] and all(p.ignore_eos for p in second)
 
 
 def test_adaptive_bench_on_a_tiny_model(tiny_llama, tmp_path, monkeypatch):

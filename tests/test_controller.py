@@ -55,11 +55,24 @@ def feed(controller: AdaptiveController, batch: int, steps: int, accepted: int,
 def test_expected_emitted_is_one_plus_sum_of_prefix_products():
     estimate = AcceptanceEstimate(4, memory=2.0, prior=0.5)
     estimate.accepted[:] = [8, 4, 2, 0]
-    estimate.reached[:] = [9, 9, 5, 3]  # with the prior pseudo-count: rates 0.85, 0.45, 0.4167, 0.125
-    rates = (np.array([8, 4, 2, 0]) + 0.5) / (np.array([9, 9, 5, 3]) + 1)
+    estimate.reached[:] = [9, 9, 5, 3]
+    rates, prior = [], 0.5  # each position's prior pseudo-count is the rate of the position before
+    for accepted, reached in zip([8, 4, 2, 0], [9, 9, 5, 3]):
+        rates.append(prior := (accepted + prior) / (reached + 1))
     assert np.allclose(estimate.rates(), rates)
     assert estimate.expected_emitted(2) == pytest.approx(1 + rates[0] + rates[0] * rates[1])
     assert estimate.expected_emitted(4) == pytest.approx(1 + np.cumprod(rates).sum())
+
+
+def test_a_position_never_reached_takes_the_rate_of_the_one_before():
+    """A poor drafter's second draft is rarely reached: it must not keep the optimistic prior there,
+    or k = 2 looks as good as the prior whatever the first position showed."""
+    estimate = AcceptanceEstimate(2, memory=1000.0, prior=0.6)
+    estimate.record(np.zeros(20, dtype=np.int64), 2)  # 20 rows, every first draft rejected
+    first, second = estimate.rates()
+    assert first == pytest.approx(0.6 / 21) and second == pytest.approx(first)
+    draws = estimate.sample_rates(np.random.default_rng(0))
+    assert draws.shape == (2,) and draws[0] < 0.3
 
 
 def test_acceptance_counts_reached_and_accepted_per_position():

@@ -3,7 +3,8 @@
 Two workloads, every system on the same prompts and seeds in one run:
 
 * fixed batch: ``batch`` rows that all decode exactly ``new_tokens`` tokens (EOS ignored), so the active
-  batch stays put; systems alternate within each repeat and medians are reported;
+  batch stays put; systems alternate within each repeat, each repeat samples with new seeds (the same
+  for every system) and medians are reported;
 * long tail: 64 rows whose budgets follow a Pareto distribution (most rollouts are short, a few are
   very long), so the active batch decays as in an RL rollout; total time per system, median over the
   repeats (interleaved as above).
@@ -129,6 +130,15 @@ def run_adaptive_bench(model: str, drafters: list[str], batch_sizes: tuple[int, 
     return result
 
 
+def _params(budgets: list[int], temperature: float, seed: int, repeat: int) -> list[SamplingParams]:
+    """One row per budget. Every system gets the same seeds within a repeat; each repeat gets new ones,
+    so the median over repeats also averages the luck of the sampled answers (with one seed per row
+    for all repeats, a system's answers, and so its acceptance, would be the same draw every time)."""
+    base = seed + 100_003 * (repeat + 1)
+    return [SamplingParams(temperature=temperature, max_new_tokens=budget, ignore_eos=True, seed=base + i)
+            for i, budget in enumerate(budgets)]
+
+
 def _fixed_workload(systems: dict[str, LLM], prompts: list[list[int]], batch_sizes: tuple[int, ...],
                     temperature: float, new_tokens: int, repeats: int, seed: int):
     """Every system at each fixed batch size; returns the rows, the paired SD-off vs AR step times and
@@ -136,12 +146,11 @@ def _fixed_workload(systems: dict[str, LLM], prompts: list[list[int]], batch_siz
     rows: list[AdaptiveRow] = []
     paired, trace = [], []
     for batch in batch_sizes:
-        params = [SamplingParams(temperature=temperature, max_new_tokens=new_tokens, ignore_eos=True, seed=seed + i)
-                  for i in range(batch)]
-        for llm in systems.values():
-            _measure(llm, prompts[:batch], params)  # warm-up (and the controller's first look at this batch)
+        for llm in systems.values():  # warm-up (and the controller's first look at this batch)
+            _measure(llm, prompts[:batch], _params([new_tokens] * batch, temperature, seed, repeat=-1))
         results: dict[str, list[dict]] = {name: [] for name in systems}
-        for _ in range(repeats):
+        for repeat in range(repeats):
+            params = _params([new_tokens] * batch, temperature, seed, repeat)
             for name, llm in systems.items():
                 results[name].append(_measure(llm, prompts[:batch], params))
         off = [r["off_step_s"] for r in results["adaptive"] if r["off_step_s"] is not None]
@@ -159,10 +168,9 @@ def _long_tail_workload(systems: dict[str, LLM], prompts: list[list[int]], budge
                         temperature: float, repeats: int, seed: int):
     """All rows at once with heavy-tailed budgets, so the active batch decays; returns the rows and the
     adaptive controller's trace of its last run."""
-    params = [SamplingParams(temperature=temperature, max_new_tokens=b, ignore_eos=True, seed=seed + i)
-              for i, b in enumerate(budgets)]
     tail: dict[str, list[dict]] = {name: [] for name in systems}
-    for _ in range(repeats):  # interleaved like the fixed batches; medians are reported
+    for repeat in range(repeats):  # interleaved like the fixed batches; medians are reported
+        params = _params(budgets, temperature, seed, repeat)
         for name, llm in systems.items():
             tail[name].append(_measure(llm, prompts[:len(budgets)], params))
     rows = _rows("long-tail", len(budgets), tail)

@@ -51,10 +51,9 @@ class ControllerConfig:
     acceptance_memory: float = 64.0
     cost_decay: float = 0.8  # per measurement: weight of the past in the cost corrections
     prior_acceptance: float = 0.6  # per-position acceptance assumed before a drafter is measured
-    # Row-steps of evidence the prior counts as. 4 was tried (session 12): it keeps a drafter that two
-    # unlucky batch-1 steps put below every arm in play, but it also keeps rarely reached draft
-    # positions at the prior, so k = 2 arms looked better than they are and batch 4 ran them (0.82x
-    # the best vs 0.98x with 1). Exploration (epsilon, or Thompson) is what retries a locked-out drafter.
+    # Row-steps of evidence each position's prior counts as (position i's prior is position i - 1's
+    # rate). More keeps a drafter that a few unlucky batch-1 steps put below every arm in play, at the
+    # price of a slower start; exploration is what retries a drafter locked out all the same.
     prior_weight: float = 1.0
     explore: str = "epsilon"
     epsilon: float = 0.02
@@ -125,14 +124,21 @@ class AcceptanceEstimate:
         self.reached = np.zeros(max_k)
 
     def rates(self) -> np.ndarray:
-        """The posterior means: the prior counts as ``prior_weight`` observations."""
-        return (self.accepted + self.prior * self.prior_weight) / (self.reached + self.prior_weight)
+        """The posterior means. Position 0's prior is ``prior``; position i's is position i - 1's
+        posterior mean (a draft position is rarely reached, so its own evidence is thin, and the one
+        before it is the best guess: a fixed prior there made k = 2 look as good as the prior however
+        poor the drafter). Each prior counts as ``prior_weight`` observations."""
+        rates = np.empty(len(self.accepted))
+        prior = self.prior
+        for i, (accepted, reached) in enumerate(zip(self.accepted, self.reached)):
+            rates[i] = prior = (accepted + prior * self.prior_weight) / (reached + self.prior_weight)
+        return rates
 
     def sample_rates(self, rng: np.random.Generator) -> np.ndarray:
-        """One draw of the rates from their Beta posteriors (Thompson sampling)."""
-        hits = self.accepted + self.prior * self.prior_weight
-        misses = np.maximum(self.reached - self.accepted, 0.0) + (1 - self.prior) * self.prior_weight
-        return rng.beta(hits, misses)
+        """One draw of the rates from their Beta posteriors around ``rates`` (Thompson sampling)."""
+        means = self.rates()
+        weight = self.reached + self.prior_weight
+        return rng.beta(means * weight, (1 - means) * weight)
 
     def expected_emitted(self, k: int, rates: np.ndarray | None = None) -> float:
         """Tokens per row per step: 1 + sum over j <= k of P(the first j drafts are all accepted)."""

@@ -120,8 +120,6 @@ class CostModel:
         entries as a target forward over as many tokens per row grows over a one-token step, since
         both are one weight read plus per-token work (flat while memory bound at small batch, linear
         once compute bound at large batch); at least one step, as a pass costs a call like a step."""
-        if entries <= 1:
-            return 1.0
         return max(1.0, self._profiled(batch, max(1, round(entries))) / self._profiled(batch, 1))
 
     def record_catch_up(self, kind: str, drafter: str, batch: int, missed: float, seconds: float,
