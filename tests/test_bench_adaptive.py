@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from respec.bench_adaptive import _params, format_adaptive_table, long_tail_budgets, run_adaptive_bench, write_json
+from respec.bench_adaptive import _in_turn, _params, format_adaptive_table, long_tail_budgets, run_adaptive_bench, write_json
 
 
 def test_long_tail_budgets_are_heavy_tailed_and_capped():
@@ -20,6 +20,14 @@ def test_each_repeat_samples_new_answers_with_seeds_shared_by_every_system():
     assert [p.seed for p in first] == [p.seed for p in again]
     assert len({p.seed for p in first + second}) == 4
     assert [p.max_new_tokens for p in second] == [8, 9] and all(p.ignore_eos for p in second)
+
+
+def test_systems_take_turns_in_a_new_seeded_order_each_repeat():
+    systems = {name: None for name in "abcdef"}
+    orders = [[name for name, _ in _in_turn(systems, 0, repeat)] for repeat in range(4)]
+    assert all(sorted(order) == list("abcdef") for order in orders)
+    assert len({tuple(order) for order in orders}) > 1
+    assert orders[2] == [name for name, _ in _in_turn(systems, 0, 2)]
 
 
 def test_adaptive_bench_on_a_tiny_model(tiny_llama, tmp_path, monkeypatch):

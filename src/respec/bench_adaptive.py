@@ -3,8 +3,8 @@
 Two workloads, every system on the same prompts and seeds in one run:
 
 * fixed batch: ``batch`` rows that all decode exactly ``new_tokens`` tokens (EOS ignored), so the active
-  batch stays put; systems alternate within each repeat, each repeat samples with new seeds (the same
-  for every system) and medians are reported;
+  batch stays put; systems alternate within each repeat (in a new seeded order each time), each repeat
+  samples with new seeds (the same for every system) and medians are reported;
 * long tail: 64 rows whose budgets follow a Pareto distribution (most rollouts are short, a few are
   very long), so the active batch decays as in an RL rollout; total time per system, median over the
   repeats (interleaved as above).
@@ -139,6 +139,14 @@ def _params(budgets: list[int], temperature: float, seed: int, repeat: int) -> l
             for i, budget in enumerate(budgets)]
 
 
+def _in_turn(systems: dict[str, LLM], seed: int, repeat: int) -> list[tuple[str, LLM]]:
+    """The systems in a fresh seeded order each repeat: on a shared machine the load drifts within a
+    repeat too, and a fixed order would hand the same system the same slot every time."""
+    order = np.random.default_rng([seed, repeat]).permutation(len(systems))
+    items = list(systems.items())
+    return [items[i] for i in order]
+
+
 def _fixed_workload(systems: dict[str, LLM], prompts: list[list[int]], batch_sizes: tuple[int, ...],
                     temperature: float, new_tokens: int, repeats: int, seed: int):
     """Every system at each fixed batch size; returns the rows, the paired SD-off vs AR step times and
@@ -151,7 +159,7 @@ def _fixed_workload(systems: dict[str, LLM], prompts: list[list[int]], batch_siz
         results: dict[str, list[dict]] = {name: [] for name in systems}
         for repeat in range(repeats):
             params = _params([new_tokens] * batch, temperature, seed, repeat)
-            for name, llm in systems.items():
+            for name, llm in _in_turn(systems, seed, repeat):
                 results[name].append(_measure(llm, prompts[:batch], params))
         off = [r["off_step_s"] for r in results["adaptive"] if r["off_step_s"] is not None]
         if off:
@@ -171,7 +179,7 @@ def _long_tail_workload(systems: dict[str, LLM], prompts: list[list[int]], budge
     tail: dict[str, list[dict]] = {name: [] for name in systems}
     for repeat in range(repeats):  # interleaved like the fixed batches; medians are reported
         params = _params(budgets, temperature, seed, repeat)
-        for name, llm in systems.items():
+        for name, llm in _in_turn(systems, seed, repeat):
             tail[name].append(_measure(llm, prompts[:len(budgets)], params))
     rows = _rows("long-tail", len(budgets), tail)
     for row in rows:
