@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import json
 
-from respec.bench_adaptive import _in_turn, _params, format_adaptive_table, long_tail_budgets, run_adaptive_bench, write_json
+from respec.bench_adaptive import (
+    _in_turn,
+    _params,
+    format_adaptive_table,
+    long_tail_budgets,
+    run_adaptive_bench,
+    write_json,
+)
 
 
 def test_long_tail_budgets_are_heavy_tailed_and_capped():
