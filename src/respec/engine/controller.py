@@ -251,9 +251,10 @@ class AdaptiveController:
 
     def _tokens(self, arms: list[Arm], batch: int, rates: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """Expected emitted tokens per step; ``rates``: per drafter, rates to use instead of the means."""
-        rates = rates or {}
-        return batch * np.array([1.0 if arm.drafter is None else
-                                 self.acceptance[arm.drafter].expected_emitted(arm.k, rates.get(arm.drafter))
+        # Each drafter's rates once per call, not once per (drafter, k) arm.
+        chained = rates or {name: estimate.rates() for name, estimate in self.acceptance.items()}
+        reach = {name: np.cumprod(r) for name, r in chained.items()}
+        return batch * np.array([1.0 if arm.drafter is None else 1.0 + float(reach[arm.drafter][:arm.k].sum())
                                  for arm in arms])
 
     def choose(self, batch: int) -> Arm:
