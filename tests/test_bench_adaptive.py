@@ -54,7 +54,13 @@ def test_adaptive_bench_on_a_tiny_model(tiny_llama, tmp_path, monkeypatch):
     assert all(len(r["runs_tokens_per_s"]) == 2 for r in rows)
     assert result["long_tail_trace"] and (tmp_path / "adaptive_trace.png").stat().st_size > 0
     assert "controller: median" in format_adaptive_table(result)
+    room = result["long_tail_headroom"]
+    assert set(room["bounds"]) >= {"perfect, k <= 4"} and len(room["bounds"]) == 3  # + ngram and self:1
+    assert room["ar_prefill_s"] > 0 and room["ar_decode_modelled_s"] > 0
+    assert all(b["total_speedup"] > 0 for b in room["bounds"].values())
+    assert "long-tail headroom" in format_adaptive_table(result)
 
     fixed_only = run_adaptive_bench(str(tiny_llama), ["ngram"], (2,), (1,), temperature=0.7, new_tokens=4, repeats=1,
                                     device="cpu", prompts_file=questions, long_tail_rows=0)
     assert {r["workload"] for r in fixed_only["rows"]} == {"fixed"} and not fixed_only["long_tail_trace"]
+    assert fixed_only["long_tail_headroom"] is None

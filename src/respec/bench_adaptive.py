@@ -26,9 +26,13 @@ import torch
 from .atomic import write_text_atomic
 from .bench import load_questions, run_header, timed_fresh_generate
 from .engine.controller import ControllerConfig, summarize_trace
+from .engine.cost_model import CostModel
 from .engine.drafters import make_drafters
+from .engine.headroom import speculation_headroom
 from .engine.llm import LLM
 from .engine.params import SamplingParams
+
+HEADROOM_K = 4  # drafts per step of the perfect drafter in the long tail's headroom bound
 
 
 @dataclass
@@ -58,12 +62,13 @@ def long_tail_budgets(rows: int, shortest: int, longest: int, alpha: float, seed
 def _measure(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> dict:
     stats = llm.stats
     before = (stats.spec.verify_steps, stats.spec.emitted, stats.decode_steps, stats.decode_s, len(stats.trace),
-              dict(stats.arm_steps))
+              dict(stats.arm_steps), stats.prefill_s)
     outputs, seconds = timed_fresh_generate(llm, prompts, params)
     steps = stats.spec.verify_steps - before[0]
     trace = stats.trace[before[4]:]
     off_steps = [r.measured_s for r in trace if r.arm == "off"]
     return {"seconds": seconds, "tokens": sum(len(s.token_ids) for o in outputs for s in o.samples),
+            "prefill_s": stats.prefill_s - before[6], "decode_s": stats.decode_s - before[3],
             "accept_len": (stats.spec.emitted - before[1]) / steps if steps else None,
             "step_s": (stats.decode_s - before[3]) / max(stats.decode_steps - before[2], 1),
             "off_step_s": statistics.mean(off_steps) if off_steps else None, "trace": trace,
@@ -115,16 +120,19 @@ def run_adaptive_bench(model: str, drafters: list[str], batch_sizes: tuple[int, 
     print(HEADER, flush=True)
     rows, paired, trace = _fixed_workload(systems, prompts, batch_sizes, temperature, new_tokens, repeats, seed)
     budgets = long_tail_budgets(long_tail_rows, 16, long_tail_max, 1.2, seed) if long_tail_rows else []
+    headroom = None
     if budgets:
-        tail_rows, trace = _long_tail_workload(systems, prompts, budgets, temperature, repeats, seed)
+        tail_rows, tail = _long_tail_workload(systems, prompts, budgets, temperature, repeats, seed)
         rows += tail_rows
+        trace = tail["adaptive"][-1]["trace"]
+        headroom = long_tail_headroom(systems, budgets, tail)
     summary = summarize_trace(trace, warmup=10)
     result = {"model": model, "device": str(base.model.device), "dtype": str(base.model.dtype),
               "threads": torch.get_num_threads(), "temperature": temperature, "ks": list(ks),
               "drafters": drafters, "new_tokens": new_tokens, "long_tail_budgets": budgets,
               "prediction_median_relative_error": summary.median_relative_error,
               "off_vs_ar_step": paired, "rows": [asdict(r) for r in rows],
-              "long_tail_trace": [asdict(r) for r in trace] if budgets else []}
+              "long_tail_trace": [asdict(r) for r in trace] if budgets else [], "long_tail_headroom": headroom}
     if trace_dir is not None and budgets:
         plot_trace(result["long_tail_trace"], Path(trace_dir) / "adaptive_trace.png")
     return result
@@ -184,7 +192,31 @@ def _long_tail_workload(systems: dict[str, LLM], prompts: list[list[int]], budge
     rows = _rows("long-tail", len(budgets), tail)
     for row in rows:
         print(format_row(asdict(row)), flush=True)
-    return rows, tail["adaptive"][-1]["trace"]
+    return rows, tail
+
+
+def long_tail_headroom(systems: dict[str, LLM], budgets: list[int], tail: dict[str, list[dict]]) -> dict:
+    """The most any drafter could gain on the long tail (see ``engine.headroom``): AR's measured
+    prefill, the target's profiled step times, drafting free; a perfect drafter up to ``HEADROOM_K``
+    and each drafter at the acceptance the controller measured (up to the benchmark's largest k)."""
+    engine = systems["adaptive"].engine
+    controller = engine.controller
+    profile = CostModel.profile(engine.model, len(budgets), max(HEADROOM_K, controller.max_k) + 1,
+                                cache_dir=controller.config.profile_cache)
+    ar_runs = tail["off"]
+    prefill = statistics.median(r["prefill_s"] for r in ar_runs)
+    bounds = {f"perfect, k <= {HEADROOM_K}": speculation_headroom(budgets, profile.target_time, HEADROOM_K,
+                                                                  prefill_s=prefill)}
+    for name, estimate in controller.acceptance.items():
+        rates = estimate.rates()
+        bounds[f"{name} at rates {np.round(rates, 2).tolist()}"] = speculation_headroom(
+            budgets, profile.target_time, controller.max_k, rates, prefill)
+    first = next(iter(bounds.values()))
+    return {"ar_prefill_s": prefill, "ar_decode_measured_s": statistics.median(r["decode_s"] for r in ar_runs),
+            "ar_decode_modelled_s": first.ar_decode_s,
+            "bounds": {label: {"decode_s": b.bound_decode_s, "decode_speedup": b.decode_speedup,
+                               "total_speedup": b.total_speedup, "steps": b.bound_steps}
+                       for label, b in bounds.items()}}
 
 
 def plot_trace(trace: list[dict], path: Path) -> Path:
@@ -231,6 +263,13 @@ def format_adaptive_table(result: dict) -> str:
     for pair in result["off_vs_ar_step"]:
         lines.append(f"batch {pair['batch_size']}: AR step {pair['ar_step_ms']:.2f} ms, "
                      f"adaptive step with SD off {pair['adaptive_off_step_ms']:.2f} ms")
+    room = result.get("long_tail_headroom")
+    if room:
+        lines.append(f"long-tail headroom (target profile, drafting free; AR prefill {room['ar_prefill_s']:.2f} s, "
+                     f"AR decode measured {room['ar_decode_measured_s']:.2f} s, modelled {room['ar_decode_modelled_s']:.2f} s):")
+        for label, bound in room["bounds"].items():
+            lines.append(f"  {label}: at most {bound['total_speedup']:.2f}x AR in total "
+                         f"({bound['decode_speedup']:.2f}x on the decode)")
     return "\n".join(lines)
 
 
