@@ -60,6 +60,11 @@ class ControllerConfig:
     # (2%) left the better drafter locked out in half of simulated batch-1 starts, Thompson in 13%
     # (benchmarks/controller_sim.py).
     explore: str = "thompson"
+    # Thompson draws costs too: each near arm's target time times exp(N(0, cost_spread^2 / (1 + n))),
+    # n the measurements of its (batch, tokens) cell. Off has no rates to draw; without this, a few
+    # slow off steps at a batch size left it priced too high there for good (a rollout's tail at
+    # batch 2 ran the n-gram drafter at 0.6x AR's speed).
+    cost_spread: float = 0.15
     epsilon: float = 0.02  # explore="epsilon": share of steps spent on a random arm near the best
     explore_margin: float = 0.25  # explore only arms whose predicted goodput is within this share of the best
     ucb_scale: float = 0.1
@@ -91,6 +96,8 @@ class ControllerConfig:
             raise ValueError(f"explore: must be one of {EXPLORATION}, got {self.explore!r}")
         if not 0 <= self.epsilon <= 1:
             raise ValueError(f"epsilon: must be in [0, 1], got {self.epsilon}")
+        if not self.cost_spread >= 0:
+            raise ValueError(f"cost_spread: must be >= 0, got {self.cost_spread}")
         if not 0 <= self.explore_margin <= 1:
             raise ValueError(f"explore_margin: must be in [0, 1], got {self.explore_margin}")
         if self.switch_horizon < 1:
@@ -173,6 +180,12 @@ class StaticController:
         self.arm = arm
         self.max_k = arm.k
         self.trace: list[StepRecord] = []
+
+    def _cost_draws(self, batch: int) -> np.ndarray:
+        """A factor per arm on its predicted time, spread as one step over the measurements of its cell."""
+        measured = np.array([self.cost.observations(batch, 1 if arm.drafter is None else arm.k + 1)
+                             for arm in self.arms])
+        return np.exp(self.config.cost_spread * self.rng.standard_normal(len(self.arms)) / np.sqrt(1 + measured))
 
     def choose(self, batch: int) -> Arm:
         return self.arm
@@ -257,6 +270,12 @@ class AdaptiveController:
         return batch * np.array([1.0 if arm.drafter is None else 1.0 + float(reach[arm.drafter][:arm.k].sum())
                                  for arm in arms])
 
+    def _cost_draws(self, batch: int) -> np.ndarray:
+        """A factor per arm on its predicted time, spread as one step over the measurements of its cell."""
+        measured = np.array([self.cost.observations(batch, 1 if arm.drafter is None else arm.k + 1)
+                             for arm in self.arms])
+        return np.exp(self.config.cost_spread * self.rng.standard_normal(len(self.arms)) / np.sqrt(1 + measured))
+
     def choose(self, batch: int) -> Arm:
         # Arms worth exploring are judged without their catch-up cost, which grows with every step a
         # drafter sits out; judged with it, a drafter once passed over could never be tried again.
@@ -269,9 +288,11 @@ class AdaptiveController:
             uses = np.array([self.uses[arm] for arm in self.arms], dtype=np.float64)
             bonus = 1 + self.config.ucb_scale * np.sqrt(math.log(self._steps + 2) / (uses + 1))
             scores = np.where(near, greedy * bonus, greedy)
-        if self.config.explore == "thompson":  # each arm as good as one plausible draw of its rates
+        if self.config.explore == "thompson":  # each arm as good as one plausible draw of its rates and cost
             drawn = {name: estimate.sample_rates(self.rng) for name, estimate in self.acceptance.items()}
-            scores = np.where(near, self._tokens(self.arms, batch, drawn) / np.maximum(seconds + switch, 1e-9), greedy)
+            drawn_seconds = seconds * self._cost_draws(batch)
+            scores = np.where(near, self._tokens(self.arms, batch, drawn) / np.maximum(drawn_seconds + switch, 1e-9),
+                              greedy)
         index = int(scores.argmax())
         if self.config.explore == "epsilon" and self.rng.random() < self.config.epsilon:
             candidates = np.flatnonzero(near)

@@ -86,6 +86,10 @@ class CostModel:
             return 1.0
         return float(self.correction[measured[np.abs(measured - bucket).argmin()], column])
 
+    def observations(self, batch: int, tokens: int) -> int:
+        """Steps measured on the grid cell a (batch, tokens) step falls on."""
+        return int(self.observed[self.bucket(batch), min(tokens, self.max_tokens) - 1])
+
     def target_time(self, batch: int, tokens: int) -> float:
         """A step of the target over ``tokens`` positions per row (AR: 1, verify: k + 1), all included."""
         return self._profiled(batch, tokens) * self._correction(self.bucket(batch), min(tokens, self.max_tokens) - 1)
