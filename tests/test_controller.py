@@ -239,6 +239,21 @@ def test_thompson_retries_a_drafter_that_two_rejections_would_lock_out():
     assert 5 <= tried < 50
 
 
+def test_thompson_retries_off_after_slow_steps_priced_it_too_high():
+    """Two off steps at twice their real cost price off below a drafter whose drafts are all rejected.
+    Drawing the rates alone never runs off again (it has none to draw); drawing the costs as well
+    retries it while its cell has few measurements, and the retries find its real cost."""
+    last_off = {}
+    for spread in (0.0, 0.15):
+        ctl = controller("thompson", seed=3, cost_spread=spread)
+        for _ in range(2):
+            ctl.record(OFF, 8, 2 * ctl.cost._profiled(8, 1), 0.0, None, 8)
+        arms = feed(ctl, 8, 300, accepted=0)
+        last_off[spread] = sum(arm == OFF for arm in arms[-100:])
+    assert last_off[0.0] == 0
+    assert last_off[0.15] >= 90
+
+
 def test_a_fresh_set_of_rows_leaves_nothing_to_catch_up(target):
     """Each generate call prefills every drafter for its rows: what a drafter missed in the previous
     call is not charged again as a catch-up."""
@@ -306,6 +321,7 @@ def test_trace_records_every_step():
     ({"k_choices": ()}, "k_choices"),
     ({"k_choices": (0, 2)}, "k_choices"),
     ({"explore": "greedy"}, "explore"),
+    ({"cost_spread": -0.1}, "cost_spread"),
     ({"epsilon": 1.5}, "epsilon"),
     ({"acceptance_memory": 0.0}, "acceptance_memory"),
     ({"prior_weight": 0.0}, "prior_weight"),
