@@ -59,6 +59,7 @@ def test_adaptive_bench_on_a_tiny_model(tiny_llama, tmp_path, monkeypatch):
     assert room["ar_prefill_s"] > 0 and room["ar_decode_modelled_s"] > 0
     assert all(b["total_speedup"] > 0 for b in room["bounds"].values())
     assert "long-tail headroom" in format_adaptive_table(result)
+    assert room["rate_needed_for_target"] is None or 0 < room["rate_needed_for_target"] <= 1
 
     fixed_only = run_adaptive_bench(str(tiny_llama), ["ngram"], (2,), (1,), temperature=0.7, new_tokens=4, repeats=1,
                                     device="cpu", prompts_file=questions, long_tail_rows=0)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from respec.engine.headroom import expected_block, speculation_headroom
+from respec.engine.headroom import expected_block, rate_needed, speculation_headroom
 
 
 def flat(batch: int, tokens: int) -> float:  # memory bound: a step costs the same whatever it carries
@@ -56,3 +56,12 @@ def test_empty_or_zero_budgets_are_refused():
         speculation_headroom([], flat, max_k=1)
     with pytest.raises(ValueError, match="budgets"):
         speculation_headroom([0], flat, max_k=1)
+
+
+def test_rate_needed_is_where_the_bound_crosses_the_target():
+    budgets = [40] * 3 + [200]
+    rate = rate_needed(budgets, flat, max_k=2, speedup=1.5, prefill_s=1.0)
+    at = speculation_headroom(budgets, flat, 2, np.full(2, rate), prefill_s=1.0).total_speedup
+    below = speculation_headroom(budgets, flat, 2, np.full(2, rate - 0.01), prefill_s=1.0).total_speedup
+    assert below < 1.5 <= at
+    assert rate_needed(budgets, linear, max_k=2, speedup=1.1) is None  # no drafter pays when compute bound

@@ -67,3 +67,19 @@ def speculation_headroom(budgets: list[int], step_time: StepTime, max_k: int, ra
         bound += float(seconds[best])
         steps += 1
     return Headroom(ar, bound, int(max(budgets)) - 1, steps, prefill_s)
+
+
+def rate_needed(budgets: list[int], step_time: StepTime, max_k: int, speedup: float, prefill_s: float = 0.0,
+                tolerance: float = 1e-3) -> float | None:
+    """The smallest acceptance rate, the same at every draft position, at which the bound reaches
+    ``speedup`` over AR in total; None when not even a perfect drafter reaches it."""
+    def total(rate: float) -> float:
+        return speculation_headroom(budgets, step_time, max_k, np.full(max_k, rate), prefill_s).total_speedup
+
+    if total(1.0) < speedup:
+        return None
+    low, high = 0.0, 1.0  # the bound grows with the rate: bisect
+    while high - low > tolerance:
+        middle = (low + high) / 2
+        low, high = (middle, high) if total(middle) < speedup else (low, middle)
+    return high
