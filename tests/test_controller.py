@@ -506,6 +506,25 @@ def test_drafter_cost_is_learned_on_catch_up_steps_too():
     assert ctl.switch_time(Arm("eagle", 2), 4) == pytest.approx(0.02, rel=1e-2)
 
 
+def test_an_engine_that_never_drafts_with_the_head_never_runs_it(target):
+    """The head's prefill is deferred to its first catch-up: held at off (or on the n-gram drafter),
+    the engine pays nothing for a head it does not use, prompt included."""
+    model, tokenizer = target
+    llm = LLM(model, tokenizer=tokenizer, drafter=[EagleDrafter(random_head(model), model), "ngram"],
+              speculative=ControllerConfig(max_draft_tokens=2, profile_cache=""))
+    drafter = llm.engine.drafters["eagle"]
+    runs, run = [], drafter._run
+    drafter._run = lambda *args, **kwargs: runs.append(1) or run(*args, **kwargs)
+    llm.engine.controller = CyclingController([OFF, Arm("ngram", 2)])
+    llm.generate(prompts(4, model.config.vocab_size), SamplingParams(temperature=0, max_new_tokens=12,
+                                                                     ignore_eos=True), progress=False)
+    assert runs == []
+    llm.engine.controller = CyclingController([OFF, Arm("eagle", 2)])
+    llm.generate(prompts(4, model.config.vocab_size), SamplingParams(temperature=0, max_new_tokens=12,
+                                                                     ignore_eos=True), progress=False)
+    assert runs
+
+
 def test_a_negative_shadow_limit_fails_at_once(target):
     model, _ = target
     with pytest.raises(ValueError, match="shadow_limit"):

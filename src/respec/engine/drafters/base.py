@@ -111,6 +111,7 @@ class Drafter:
     name: str = "drafter"  # how arms and statistics call it
     catch_up_kind: str = "none"  # what ``catch_up`` runs: "none", "target" (a read-only target pass), "self"
     shadows: bool = False  # keeps up from the target's features of steps it sits out (see ``shadow``)
+    defers_prefill: bool = False  # ``prefill`` only keeps what it needs; the first ``catch_up`` runs it
     version: int = 0  # of the weights now in use (0: as loaded); the online learner publishes newer ones
     source = None  # a Mailbox or DirectorySource of newer weights (see ``subscribe``)
     swap_errors: list[str]

@@ -1,7 +1,7 @@
 """The EAGLE-3-style head as a drafter: catch up on the target's features, then draft ahead.
 
 After every target forward (prefill or verify) the engine hands over the fused-layer features of the
-positions it just committed (``observe``). They stay pending, one block per row, until the next
+positions it just committed (``prefill``, ``observe``). They stay pending, one block per row, until the next
 ``propose``, which runs them through the head in one forward (writing the head's KV cache at their
 positions and yielding the first draft from the last one), then drafts one token per further step
 from the head's own hidden state. The last pending entry always pairs with the row's newest token,
@@ -9,11 +9,14 @@ which is only known once sampled: after prefill that is the first generated toke
 the residual or bonus token.
 
 While the controller runs other arms, the engine captures the fused layers in those steps too and
-``shadow`` appends them to the pending block (up to ``shadow_limit`` entries per row), so switching
+``shadow`` appends them to the pending block (up to ``shadow_limit`` decoded entries per row), so switching
 the head back on costs no target pass: ``catch_up`` runs the block through the head in one extend
 forward. Past the limit a row stops growing and ``catch_up`` re-reads the rest from the target first.
 The limit is long (256) because an RL rollout's tail, where the head pays again, comes after a
 stretch of large-batch AR steps; the block costs 3 x hidden_size values per entry and row.
+
+The prompt itself is the first pending block: ``prefill`` keeps its features and the first catch-up
+runs the head over them, so an engine that keeps the head off (a large batch) never pays for it.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class EagleDrafter(Drafter):
     name = "eagle"
     catch_up_kind = "target"
     shadows = True
+    defers_prefill = True
 
     def __init__(self, head: EagleHead, target: DecoderLM, shadow_limit: int = 256) -> None:
         head.config.check_target(target.config)
@@ -75,23 +79,23 @@ class EagleDrafter(Drafter):
         self.count = torch.zeros(rows, dtype=torch.int64, device=device)
         self.host_start = np.zeros(rows, dtype=np.int64)
         self.host_count = np.zeros(rows, dtype=np.int64)
+        self.host_prompt = np.zeros(rows, dtype=np.int64)  # pending entries that are prompt positions
 
     def _fused(self, captured: dict[int, torch.Tensor]) -> torch.Tensor:
         return torch.cat([captured[layer] for layer in self.capture_layers], dim=-1)
 
     def prefill(self, rows: slice, prompt_ids: torch.Tensor, prompt_lens: torch.Tensor,
                 trace: TargetTrace | None) -> None:
-        features = self._fused(trace.captured)
+        """The prompt becomes the rows' pending block: the head runs over it only when it first drafts
+        for them (``catch_up``), so an engine that never turns it on never pays for it. Entries 0..n-2
+        pair prompt features with the next prompt token; entry n-1 waits for the first sampled token."""
         width = prompt_ids.shape[1]
-        positions = torch.arange(width, device=prompt_ids.device).expand_as(prompt_ids)
-        # Entries 0..n-2 pair prompt features with the next prompt token; entry n-1 waits for the
-        # first sampled token, and entries past it (padding) are rewritten before anything reads them.
-        self._run(trace.next_tokens, self.head.fuse(features), positions, rows, kv_len=width)
-        last = prompt_lens - 1
-        group = torch.arange(len(prompt_lens), device=prompt_ids.device)
-        self.features[rows, 0] = features[group, last]
-        self.start[rows], self.count[rows] = last, 1
-        self.host_start[rows], self.host_count[rows] = trace.host_valid, 1
+        self._ensure_width(width + self.shadow_limit + self.block)
+        self.features[rows, :width] = self._fused(trace.captured)
+        self.tokens[rows, :width] = trace.next_tokens
+        self.start[rows], self.count[rows] = 0, prompt_lens
+        self.host_start[rows], self.host_count[rows] = 0, trace.host_valid + 1
+        self.host_prompt[rows] = trace.host_valid + 1
 
     def observe(self, trace: TargetTrace) -> None:
         batch, width = trace.next_tokens.shape
@@ -99,13 +103,15 @@ class EagleDrafter(Drafter):
         self.tokens[:batch, :width] = trace.next_tokens
         self.start[:batch], self.count[:batch] = trace.start, trace.valid
         self.host_start[:batch], self.host_count[:batch] = trace.host_start, trace.host_valid
+        self.host_prompt[:batch] = 0
 
     def shadow(self, trace: TargetTrace) -> None:
         """Append the committed positions of a step the head sat out to each row's pending block, for
         rows whose block ends where the step began and stays within ``shadow_limit``."""
         batch = len(trace.host_valid)
         count = self.host_count[:batch]
-        keep = (self.host_start[:batch] + count == trace.host_start) & (count + trace.host_valid <= self.shadow_limit)
+        shadowed = count - self.host_prompt[:batch]  # the limit counts decoded positions, not the prompt
+        keep = (self.host_start[:batch] + count == trace.host_start) & (shadowed + trace.host_valid <= self.shadow_limit)
         if not keep.any():
             return
         self._append(self._fused(trace.captured), np.where(keep, trace.host_valid, 0))
@@ -134,7 +140,7 @@ class EagleDrafter(Drafter):
         self.tokens[dst, :pending] = self.tokens[src, :pending]
         for tensor in (self.start, self.count):
             tensor[dst] = tensor[src]
-        for array in (self.host_start, self.host_count):
+        for array in (self.host_start, self.host_count, self.host_prompt):
             array[host_dst] = array[host_src]
 
     def catch_up(self, state: DraftState, target: DecoderLM, cache: KVCache) -> None:
@@ -174,11 +180,16 @@ class EagleDrafter(Drafter):
         self.count[:batch] = 1
         self.host_start[:batch] += self.host_count[:batch] - 1
         self.host_count[:batch] = 1
+        self.host_prompt[:batch] = 0
 
     def _pair_tokens(self, state: DraftState, width: int) -> None:
-        """Entry j pairs position start + j with the token after it; the last one stays last_token's."""
+        """Entry j pairs position start + j with the token after it; the last one stays last_token's.
+        Entries whose next token lies in the prompt keep the pairing prefill gave them."""
         batch = state.last_token.shape[0]
-        self.tokens[:batch, :width] = state.tokens_at(self.start[:batch] + 1, width)
+        first = self.start[:batch] + 1
+        prompt_len = state.lengths - torch.as_tensor(state.generated, device=first.device) + 1
+        generated = first[:, None] + torch.arange(width, device=first.device) >= prompt_len[:, None]
+        self.tokens[:batch, :width] = torch.where(generated, state.tokens_at(first, width), self.tokens[:batch, :width])
 
     def _ensure_width(self, width: int) -> None:
         if width <= self.features.shape[1]:
