@@ -181,12 +181,6 @@ class StaticController:
         self.max_k = arm.k
         self.trace: list[StepRecord] = []
 
-    def _cost_draws(self, batch: int) -> np.ndarray:
-        """A factor per arm on its predicted time, spread as one step over the measurements of its cell."""
-        measured = np.array([self.cost.observations(batch, 1 if arm.drafter is None else arm.k + 1)
-                             for arm in self.arms])
-        return np.exp(self.config.cost_spread * self.rng.standard_normal(len(self.arms)) / np.sqrt(1 + measured))
-
     def choose(self, batch: int) -> Arm:
         return self.arm
 
