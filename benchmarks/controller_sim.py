@@ -108,14 +108,20 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=0.15, help="sd of the lognormal noise on step times")
     parser.add_argument("--off-bias", type=float, default=1.35,
                         help="second goodput world: the profile's off column this much too slow")
+    parser.add_argument("--eagle-rates", default="0.48,0.44",
+                        help="the EAGLE head's true per-position acceptance (0.36,0.22: a second draft that "
+                             "pays less than the first, as measured at batch 1 in session 15)")
+    parser.add_argument("--only", default=None, help="run only this setting (a name from SETTINGS)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    RATES["eagle"] = np.array([float(r) for r in args.eagle_rates.split(",")])
+    settings = {args.only: SETTINGS[args.only]} if args.only else SETTINGS
     arms = make_controller({}, 0).arms
     print("best arm per batch: " + ", ".join(
         f"{b}: " + max(arms, key=lambda a: arm_truth(a, b)[0] / arm_truth(a, b)[1]).label for b in (1, 2, 4, 16, 64)))
     print(f"{'setting':<24}{'EAGLE share':>12}{'locked out':>11}  goodput / best arm: mean (p10)")
     result = {}
-    for name, setting in SETTINGS.items():
+    for name, setting in settings.items():
         start = batch_one_start(setting, 100, args.noise)
         ratios = goodput(setting, args.seeds, args.noise)
         biased = goodput(setting, args.seeds, args.noise, args.off_bias)
@@ -127,7 +133,8 @@ def main() -> None:
         print(f"{'  off priced x' + str(args.off_bias):<47}{cells}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"seeds": args.seeds, "noise": args.noise, "off_bias": args.off_bias, "settings": result}, f, indent=2)
+            json.dump({"seeds": args.seeds, "noise": args.noise, "off_bias": args.off_bias,
+                       "eagle_rates": RATES["eagle"].tolist(), "settings": result}, f, indent=2)
 
 
 if __name__ == "__main__":

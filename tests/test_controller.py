@@ -80,8 +80,21 @@ def test_acceptance_counts_reached_and_accepted_per_position():
     estimate.record(np.array([0, 2, 4, 1]), 4)
     assert estimate.reached.tolist() == [4, 3, 2, 1] and estimate.accepted.tolist() == [3, 2, 1, 1]
     estimate.record(np.array([0, 0, 0, 0]), 4)
-    keep = np.exp(-4 / 40)  # four rows observed: the past fades by four row-steps
-    assert np.allclose(estimate.reached, [keep * 4 + 4, keep * 3, keep * 2, keep])
+    keep = np.exp(-4 / 40)  # four rows reached position 0: its past fades by four observations
+    assert np.allclose(estimate.reached, [keep * 4 + 4, 3, 2, 1])  # the rest were not reached: kept
+
+
+def test_a_position_the_controller_stops_reaching_keeps_its_evidence():
+    """Running k = 1 says nothing about the second draft: its poor rate must not fade back to the
+    prior (the first position's rate), or the controller returns to k = 2 again and again."""
+    estimate = AcceptanceEstimate(2, memory=16.0, prior=0.5)
+    for _ in range(40):  # k = 2: the first draft accepted half the time, the second one never
+        estimate.record(np.array([1, 0]), 2)
+    second = estimate.rates()[1]
+    assert second < 0.1
+    for _ in range(200):  # k = 1 for a long while
+        estimate.record(np.array([1, 0]), 1)
+    assert estimate.rates()[1] == pytest.approx(second, abs=0.02)
 
 
 def test_acceptance_forgets_per_row_not_per_step():

@@ -46,8 +46,9 @@ class ControllerConfig:
     max_draft_tokens: int = 8  # arms use k in 1..max_draft_tokens (or ``k_choices``)
     k_choices: tuple[int, ...] | None = None
     allow_off: bool = True
-    # Row-steps over which the acceptance estimates forget (time constant): a step of b rows keeps
-    # exp(-b / acceptance_memory) of the past, so a batch-1 step, one noisy observation, moves them little.
+    # Observations over which each position's acceptance estimate forgets (time constant): a step in
+    # which r rows reach a position keeps exp(-r / acceptance_memory) of its past, so a batch-1 step,
+    # one noisy observation, moves it little, and a step that does not reach it leaves it be.
     acceptance_memory: float = 64.0
     cost_decay: float = 0.8  # per measurement: weight of the past in the cost corrections
     prior_acceptance: float = 0.6  # per-position acceptance assumed before a drafter is measured
@@ -125,8 +126,8 @@ class AcceptanceEstimate:
 
     Position i's rate is accepted-at-i / reached-i, where a row reaches i when it accepted all drafts
     before i (a row offered fewer drafts counts as a rejection, so short n-gram matches are priced in).
-    The past fades per observed row, not per step: ``memory`` row-steps is the time constant whatever
-    the batch, so the estimate is as steady at batch 1 as at batch 64.
+    Each position's past fades per row that reaches it, not per step: ``memory`` observations is its
+    time constant whatever the batch and however rarely it is reached.
     """
 
     def __init__(self, max_k: int, memory: float, prior: float, prior_weight: float = 1.0) -> None:
@@ -164,11 +165,12 @@ class AcceptanceEstimate:
         positions = np.arange(k)
         reached = (num_accepted[:, None] >= positions[None, :]).sum(0)
         accepted = (num_accepted[:, None] > positions[None, :]).sum(0)
-        keep = math.exp(-len(num_accepted) / self.memory)
-        self.accepted *= keep
-        self.reached *= keep
-        self.accepted[:k] += accepted
-        self.reached[:k] += reached
+        # Each position forgets per row that reached it: one a step does not reach keeps its evidence.
+        # Fading it anyway let a deep position relax to its prior (the position before's rate) while
+        # the controller ran a shorter k, and sent it back to the longer k again and again.
+        keep = np.exp(-reached / self.memory)
+        self.accepted[:k] = self.accepted[:k] * keep + accepted
+        self.reached[:k] = self.reached[:k] * keep + reached
 
 
 class StaticController:
