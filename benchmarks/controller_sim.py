@@ -37,6 +37,7 @@ SETTINGS = {
     "thompson, prior 4": {"explore": "thompson", "prior_weight": 4.0},
     "thompson, no cost draws": {"explore": "thompson", "cost_spread": 0.0},
     "ucb, prior 1": {"explore": "ucb"},
+    "thompson, sharpness 1": {"explore": "thompson", "thompson_sharpness": 1.0},
 }
 SCHEDULE = [(1, 40)] * 4 + [(2, 40)] * 4 + [(4, 40)] * 4 + [(16, 40)] * 2 + [(64, 40)] * 2
 

@@ -335,6 +335,7 @@ def test_trace_records_every_step():
     ({"k_choices": (0, 2)}, "k_choices"),
     ({"explore": "greedy"}, "explore"),
     ({"cost_spread": -0.1}, "cost_spread"),
+    ({"thompson_sharpness": 0.0}, "thompson_sharpness"),
     ({"epsilon": 1.5}, "epsilon"),
     ({"acceptance_memory": 0.0}, "acceptance_memory"),
     ({"prior_weight": 0.0}, "prior_weight"),

@@ -66,6 +66,11 @@ class ControllerConfig:
     # slow off steps at a batch size left it priced too high there for good (a rollout's tail at
     # batch 2 ran the n-gram drafter at 0.6x AR's speed).
     cost_spread: float = 0.15
+    # Thompson counts each observation this many times in the posteriors it draws from. Forgetting
+    # caps the evidence at ~acceptance_memory observations, so unsharpened draws stay wide for good and
+    # keep buying arms a few percent behind: at batch 1, where every arm is within 10-20%, that cost
+    # 5-10% of the best arm's speed (docs/benchmarks.md, session 15). The means still forget as fast.
+    thompson_sharpness: float = 4.0
     epsilon: float = 0.02  # explore="epsilon": share of steps spent on a random arm near the best
     explore_margin: float = 0.25  # explore only arms whose predicted goodput is within this share of the best
     ucb_scale: float = 0.1
@@ -97,6 +102,8 @@ class ControllerConfig:
             raise ValueError(f"explore: must be one of {EXPLORATION}, got {self.explore!r}")
         if not 0 <= self.epsilon <= 1:
             raise ValueError(f"epsilon: must be in [0, 1], got {self.epsilon}")
+        if not self.thompson_sharpness > 0:
+            raise ValueError(f"thompson_sharpness: must be > 0, got {self.thompson_sharpness}")
         if not self.cost_spread >= 0:
             raise ValueError(f"cost_spread: must be >= 0, got {self.cost_spread}")
         if not 0 <= self.explore_margin <= 1:
@@ -146,10 +153,11 @@ class AcceptanceEstimate:
             rates[i] = prior = (accepted + prior * self.prior_weight) / (reached + self.prior_weight)
         return rates
 
-    def sample_rates(self, rng: np.random.Generator) -> np.ndarray:
-        """One draw of the rates from their Beta posteriors around ``rates`` (Thompson sampling)."""
+    def sample_rates(self, rng: np.random.Generator, sharpness: float = 1.0) -> np.ndarray:
+        """One draw of the rates from Beta posteriors around ``rates`` (Thompson sampling), each
+        observation counted ``sharpness`` times."""
         means = self.rates()
-        weight = self.reached + self.prior_weight
+        weight = sharpness * self.reached + self.prior_weight
         return rng.beta(means * weight, (1 - means) * weight)
 
     def expected_emitted(self, k: int, rates: np.ndarray | None = None) -> float:
@@ -285,7 +293,8 @@ class AdaptiveController:
             bonus = 1 + self.config.ucb_scale * np.sqrt(math.log(self._steps + 2) / (uses + 1))
             scores = np.where(near, greedy * bonus, greedy)
         if self.config.explore == "thompson":  # each arm as good as one plausible draw of its rates and cost
-            drawn = {name: estimate.sample_rates(self.rng) for name, estimate in self.acceptance.items()}
+            drawn = {name: estimate.sample_rates(self.rng, self.config.thompson_sharpness)
+                     for name, estimate in self.acceptance.items()}
             drawn_seconds = seconds * self._cost_draws(batch)
             scores = np.where(near, self._tokens(self.arms, batch, drawn) / np.maximum(drawn_seconds + switch, 1e-9),
                               greedy)
