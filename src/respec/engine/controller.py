@@ -229,6 +229,7 @@ class AdaptiveController:
         self.missed = dict.fromkeys(drafters, 0.0)  # tokens per row decoded since each drafter last ran
         self.reread = dict.fromkeys(drafters, 0.0)  # of those, what its catch-up must re-read from the target
         self.uses = dict.fromkeys(self.arms, 0)  # steps taken per arm
+        self._arm_tokens = np.array([1 if arm.drafter is None else arm.k + 1 for arm in self.arms])  # per row
         self.rng = np.random.default_rng(config.seed)
         self.trace: list[StepRecord] = []
         self._predicted = 0.0
@@ -276,8 +277,7 @@ class AdaptiveController:
 
     def _cost_draws(self, batch: int) -> np.ndarray:
         """A factor per arm on its predicted time, spread as one step over the measurements of its cell."""
-        measured = np.array([self.cost.observations(batch, 1 if arm.drafter is None else arm.k + 1)
-                             for arm in self.arms])
+        measured = self.cost.observations(batch, self._arm_tokens)
         return np.exp(self.config.cost_spread * self.rng.standard_normal(len(self.arms)) / np.sqrt(1 + measured))
 
     def choose(self, batch: int) -> Arm:

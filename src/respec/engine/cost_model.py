@@ -86,9 +86,9 @@ class CostModel:
             return 1.0
         return float(self.correction[measured[np.abs(measured - bucket).argmin()], column])
 
-    def observations(self, batch: int, tokens: int) -> int:
-        """Steps measured on the grid cell a (batch, tokens) step falls on."""
-        return int(self.observed[self.bucket(batch), min(tokens, self.max_tokens) - 1])
+    def observations(self, batch: int, tokens: np.ndarray) -> np.ndarray:
+        """Steps measured on the grid cells that (batch, tokens[i]) steps fall on."""
+        return self.observed[self.bucket(batch), np.minimum(tokens, self.max_tokens) - 1]
 
     def target_time(self, batch: int, tokens: int) -> float:
         """A step of the target over ``tokens`` positions per row (AR: 1, verify: k + 1), all included."""
