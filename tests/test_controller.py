@@ -443,7 +443,7 @@ def eagle_drafts(model, tokenizer, head, schedule, shadow_limit: int) -> tuple[d
     def spy(state, k, sampler):
         proposal = original(state, k, sampler)
         for r in range(state.last_token.shape[0]):
-            seen[(tuple(state.sequences[r].prompt_ids), int(state.generated[r]))] = proposal.tokens[r].tolist()
+            seen[(tuple(state.sequences[r].prompt_ids), int(state.host_generated[r]))] = proposal.tokens[r].tolist()
         return proposal
 
     drafter = llm.engine.drafters["eagle"]

@@ -120,7 +120,7 @@ class ScriptedDrafter(Drafter):
     def propose(self, state, k, sampler) -> Proposal:
         rows = []
         for row, seq in enumerate(state.sequences):
-            reference, generated = self.continuations[tuple(seq.prompt_ids)], int(state.generated[row])
+            reference, generated = self.continuations[tuple(seq.prompt_ids)], int(state.host_generated[row])
             upcoming = [reference[generated + i] if generated + i < len(reference) else 0 for i in range(k)]
             rows.append([t if i < self.correct else (t + 1) % self.vocab_size for i, t in enumerate(upcoming)])
         return Proposal(tokens=torch.tensor(rows, dtype=torch.int64, device=state.last_token.device))

@@ -126,8 +126,8 @@ def speculative_step(model: DecoderLM, cache: KVCache, slots: SlotTable, drafter
     room = np.minimum(slots.host_max_new[:batch] - host_generated - 1, k)
     state = DraftState(last_token=slots.last_token[:batch], prev_token=slots.prev_token[:batch],
                        lengths=slots.lengths[:batch], host_lengths=slots.host_lengths[:batch],
-                       sequences=slots.sequences[:batch], generated=host_generated,
-                       out_tokens=slots.out_tokens[:batch])
+                       sequences=slots.sequences[:batch], generated=slots.generated[:batch],
+                       host_generated=host_generated, out_tokens=slots.out_tokens[:batch])
     sampler = DraftSampler(params, slots.keys[:batch], host_generated, model.device)
     started = time.perf_counter()
     catch_up_seconds = 0.0

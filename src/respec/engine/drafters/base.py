@@ -63,16 +63,16 @@ class DraftState:
     lengths: torch.Tensor  # [B] positions held in the target's KV cache
     host_lengths: np.ndarray  # the same on the host, for sizes without a device sync
     sequences: list[Sequence]  # per row: prompt, request and sample index (for history lookups)
-    generated: np.ndarray  # [B] tokens emitted so far per row (host)
+    generated: torch.Tensor  # [B] tokens emitted so far per row
+    host_generated: np.ndarray  # the same on the host
     out_tokens: torch.Tensor  # [B, >= generated] emitted tokens per row
 
     def tokens_at(self, first: torch.Tensor, width: int) -> torch.Tensor:
         """``[B, width]`` tokens at positions ``first .. first + width - 1`` of each row, read from the
         emitted tokens (so positions must lie past the prompt); clamped at the newest, ``last_token``."""
-        device = self.lengths.device
-        generated = torch.as_tensor(self.generated, device=device)
+        generated = self.generated
         # Position ``lengths`` holds emitted token ``generated - 1``.
-        index = first[:, None] + torch.arange(width, device=device) - self.lengths[:, None] + generated[:, None] - 1
+        index = first[:, None] + torch.arange(width, device=first.device) - self.lengths[:, None] + generated[:, None] - 1
         index = torch.minimum(index.clamp(min=0), (generated - 1)[:, None])
         return self.out_tokens.gather(1, index)
 

@@ -187,7 +187,7 @@ class EagleDrafter(Drafter):
         Entries whose next token lies in the prompt keep the pairing prefill gave them."""
         batch = state.last_token.shape[0]
         first = self.start[:batch] + 1
-        prompt_len = state.lengths - torch.as_tensor(state.generated, device=first.device) + 1
+        prompt_len = state.lengths - state.generated + 1
         generated = first[:, None] + torch.arange(width, device=first.device) >= prompt_len[:, None]
         self.tokens[:batch, :width] = torch.where(generated, state.tokens_at(first, width), self.tokens[:batch, :width])
 

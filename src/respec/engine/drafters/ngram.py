@@ -54,7 +54,7 @@ class NgramDrafter(Drafter):
     def propose(self, state: DraftState, k: int, sampler: DraftSampler | None = None) -> Proposal:
         batch = len(state.sequences)
         generated = state.out_tokens[:batch].cpu().numpy()
-        responses = [generated[row, : state.generated[row]] for row in range(batch)]
+        responses = [generated[row, : state.host_generated[row]] for row in range(batch)]
         groups: dict[int, list[int]] = defaultdict(list)  # request -> its active rows (the siblings)
         for row, seq in enumerate(state.sequences):
             groups[seq.request_index].append(row)
