@@ -29,6 +29,7 @@ from .rng import random_seed, uniforms
 from .sampling import sample
 from .slots import Sequence, SlotTable
 from .speculative import SpecStats, SpeculativeConfig, speculative_step
+from .transfer import to_device
 
 DEFAULT_KV_CACHE_BYTES = 4 << 30
 
@@ -338,7 +339,7 @@ class Engine:
     def _sample_and_commit(self, logits: torch.Tensor, lo: int, hi: int) -> int:
         slots = self.slots
         params = slots.row_params(lo, hi)
-        draws = torch.from_numpy(uniforms(slots.keys[lo:hi], slots.host_generated[lo:hi])).to(logits.device) \
+        draws = to_device(uniforms(slots.keys[lo:hi], slots.host_generated[lo:hi]), logits.device) \
             if params.any_random else None  # all-greedy steps draw nothing
         tokens, logprobs = sample(logits, draws, params)
         slots.advance(lo, hi, tokens, logprobs)

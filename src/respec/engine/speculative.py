@@ -28,6 +28,7 @@ from .drafters.base import (
 from .rng import uniforms
 from .sampling import processed_logprobs_steps
 from .slots import SlotTable
+from .transfer import to_device
 from .verify import verify_drafts
 
 MAX_DRAFT_TOKENS = 32
@@ -140,7 +141,7 @@ def speculative_step(model: DecoderLM, cache: KVCache, slots: SlotTable, drafter
     if time_drafter and model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
     draft_seconds = time.perf_counter() - started - catch_up_seconds
-    offered = torch.from_numpy(room).to(model.device)
+    offered = to_device(room, model.device)
     if proposal.lens is not None:
         offered = torch.minimum(offered, proposal.lens)
     ids = torch.cat((slots.last_token[:batch, None], proposal.tokens), dim=1)
@@ -153,8 +154,8 @@ def speculative_step(model: DecoderLM, cache: KVCache, slots: SlotTable, drafter
     if params.any_random:  # draft i is token index generated + i: its accept test and its resample
         counters = host_generated[:, None] + np.arange(k + 1)[None, :]
         keys = slots.keys[:batch, None]
-        accept_u = torch.from_numpy(uniforms(keys, counters[:, :k], ACCEPT_STREAM)).to(model.device)
-        resample_u = torch.from_numpy(uniforms(keys, counters, TOKEN_STREAM)).to(model.device)
+        accept_u = to_device(uniforms(keys, counters[:, :k], ACCEPT_STREAM), model.device)
+        resample_u = to_device(uniforms(keys, counters, TOKEN_STREAM), model.device)
     verdict = verify_drafts(target, proposal.tokens, proposal.logprobs, accept_u, resample_u,
                             params.temperature == 0, offered)
     result = _emitted(verdict, slots, batch)

@@ -20,6 +20,7 @@ import torch
 
 from ..rng import uniforms
 from ..sampling import RowParams, processed_logprobs, sample_tokens
+from ..transfer import to_device
 
 if TYPE_CHECKING:
     from ...models.decoder import DecoderLM
@@ -95,7 +96,7 @@ class DraftSampler:
         q = processed_logprobs(logits, self.params)
         draws = None
         if self.params.any_random:
-            draws = torch.from_numpy(uniforms(self.keys, self.generated + step, DRAFT_STREAM)).to(self.device)
+            draws = to_device(uniforms(self.keys, self.generated + step, DRAFT_STREAM), self.device)
         tokens = sample_tokens(q, draws, self.params)
         if vocab_index is None:
             return tokens, q

@@ -20,6 +20,7 @@ from torch import nn
 from ...models.decoder import DecoderLM
 from ...models.loading import load_model
 from ..cache import KVCache
+from ..transfer import to_device
 from .base import Drafter, DraftSampler, DraftState, Proposal, TargetTrace, check_vocab
 
 
@@ -82,7 +83,7 @@ class DraftModelDrafter(Drafter):
         if missed <= 0:
             return
         device = state.lengths.device
-        first = torch.from_numpy(self.valid[:batch].copy()).to(device)
+        first = to_device(self.valid[:batch].copy(), device)
         # Padding entries land on position lengths - 1, which ``propose`` rewrites before reading.
         positions = torch.minimum(first[:, None] + torch.arange(missed, device=device), (state.lengths - 1)[:, None])
         self.model(state.tokens_at(first, missed), positions, cache=self.cache, rows=slice(0, batch),

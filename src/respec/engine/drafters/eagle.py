@@ -29,6 +29,7 @@ import torch
 from ...models.decoder import DecoderLM, ForwardContext, write_and_read_cache
 from ...models.eagle import EagleHead
 from ..cache import KVCache
+from ..transfer import to_device
 from .base import Drafter, DraftSampler, DraftState, Proposal, TargetTrace
 
 
@@ -125,7 +126,7 @@ class EagleDrafter(Drafter):
         index = (self.count[:batch, None] + torch.arange(width, device=fresh.device))[..., None]
         self.features[:batch].scatter_(1, index.expand_as(fresh), fresh)
         grown = self.host_count[:batch] + added
-        self.count[:batch] = torch.from_numpy(grown).to(fresh.device)
+        self.count[:batch] = to_device(grown, fresh.device)
         self.host_count[:batch] = grown
 
     def lag(self, host_lengths: np.ndarray) -> int:
@@ -154,7 +155,7 @@ class EagleDrafter(Drafter):
         missed = int(gaps.max())
         if missed > 0:  # else shadowed all along: nothing to re-read from the target
             device = state.lengths.device
-            first = torch.from_numpy(synced).to(device)
+            first = to_device(synced, device)
             positions = torch.minimum(first[:, None] + torch.arange(missed, device=device), state.lengths[:, None] - 1)
             out = target(state.tokens_at(first, missed), positions, cache=cache, rows=slice(0, batch),
                          kv_len=int(state.host_lengths.max()), capture_layers=self.capture_layers, read_only=True,

@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections import OrderedDict, defaultdict, deque
 
 import numpy as np
-import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
 from ..slots import Sequence
+from ..transfer import to_device
 from .base import Drafter, DraftSampler, DraftState, Proposal
 
 
@@ -68,7 +68,7 @@ class NgramDrafter(Drafter):
             tokens[row, : len(draft)] = draft
             lens[row] = len(draft)
         device = state.last_token.device
-        return Proposal(tokens=torch.from_numpy(tokens).to(device), lens=torch.from_numpy(lens).to(device))
+        return Proposal(tokens=to_device(tokens, device), lens=to_device(lens, device))
 
     def _lookup(self, context: np.ndarray, corpora: list[np.ndarray], k: int) -> np.ndarray:
         """Continuation of the longest suffix of ``context`` found in ``corpora`` (first corpus wins ties)."""
