@@ -18,26 +18,19 @@ import sys
 
 from respec import LLM, SamplingParams
 from respec.bench import load_questions
-from respec.engine.controller import OFF, ControllerConfig
-from respec.engine.drafters import make_drafters
+from respec.bench_adaptive import build_systems
 
 DRAFTERS = ["drafters/smollm2-eagle-gsm8k-1536", "ngram"]
 
 
 def engines(arm_label: str) -> dict[str, LLM]:
-    base = LLM("smollm2-135m", max_num_seqs=64)
-    adaptive = LLM(base.model, tokenizer=base.tokenizer, max_num_seqs=64,
-                   drafter=list(make_drafters(DRAFTERS, base.model, base.tokenizer).values()),
-                   speculative=ControllerConfig(max_draft_tokens=2, k_choices=(1, 2)))
-    controller = adaptive.engine.controller
+    systems = build_systems(LLM("smollm2-135m", max_num_seqs=64), DRAFTERS, (1, 2), 64, 0)
+    if arm_label not in systems or arm_label == "adaptive":
+        raise SystemExit(f"arm: one of {[name for name in systems if name != 'adaptive']}, got {arm_label!r}")
+    controller = systems["adaptive"].engine.controller
     arm = {a.label: a for a in controller.arms}[arm_label]
     controller.choose = lambda batch: arm
-    if arm == OFF:
-        alone = base
-    else:
-        drafter = make_drafters(DRAFTERS, base.model, base.tokenizer)[arm.drafter]
-        alone = LLM(base.model, tokenizer=base.tokenizer, drafter=drafter, speculative=arm.k, max_num_seqs=64)
-    return {"alone": alone, "pinned": adaptive}
+    return {"alone": systems[arm_label], "pinned": systems["adaptive"]}
 
 
 def step_ms(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> float:

@@ -6,9 +6,9 @@ import json
 
 from respec.bench_adaptive import (
     _in_turn,
-    _params,
     format_adaptive_table,
     long_tail_budgets,
+    repeat_params,
     run_adaptive_bench,
     write_json,
 )
@@ -23,7 +23,7 @@ def test_long_tail_budgets_are_heavy_tailed_and_capped():
 def test_each_repeat_samples_new_answers_with_seeds_shared_by_every_system():
     """A static arm's answers are a function of the seeds: with the same seeds in every repeat the
     median would average timing noise only, never the luck of one sampled answer (its acceptance)."""
-    first, again, second = _params([8, 9], 0.7, 0, 0), _params([8, 9], 0.7, 0, 0), _params([8, 9], 0.7, 0, 1)
+    first, again, second = (repeat_params([8, 9], 0.7, 0, repeat) for repeat in (0, 0, 1))
     assert [p.seed for p in first] == [p.seed for p in again]
     assert len({p.seed for p in first + second}) == 4
     assert [p.max_new_tokens for p in second] == [8, 9] and all(p.ignore_eos for p in second)

@@ -76,14 +76,17 @@ def _measure(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -
             "arms": {a: n - before[5].get(a, 0) for a, n in stats.arm_steps.items() if n - before[5].get(a, 0)}}
 
 
-def _systems(base: LLM, drafter_specs: list[str], ks: tuple[int, ...], max_rows: int, seed: int) -> dict[str, LLM]:
+def build_systems(base: LLM, drafter_specs: list[str], ks: tuple[int, ...], max_rows: int, seed: int,
+                  controller_overrides: dict | None = None) -> dict[str, LLM]:
+    """AR (``"off"``, the base engine), every static ``drafter:k`` and ``"adaptive"`` over all the drafters,
+    one drafter instance each, shared by its engines (they run one at a time)."""
     drafters = make_drafters(drafter_specs, base.model, base.tokenizer)
     systems = {"off": base}
     for name, drafter in drafters.items():
         for k in ks:
             systems[f"{name}:{k}"] = LLM(base.model, tokenizer=base.tokenizer, drafter=drafter, speculative=k,
                                          max_num_seqs=max_rows)
-    config = ControllerConfig(max_draft_tokens=max(ks), k_choices=tuple(ks), seed=seed)
+    config = ControllerConfig(max_draft_tokens=max(ks), k_choices=tuple(ks), seed=seed, **(controller_overrides or {}))
     systems["adaptive"] = LLM(base.model, tokenizer=base.tokenizer, drafter=list(drafters.values()),
                               speculative=config, max_num_seqs=max_rows)
     return systems
@@ -116,7 +119,7 @@ def run_adaptive_bench(model: str, drafters: list[str], batch_sizes: tuple[int, 
     """``long_tail_rows=0`` skips the long-tail workload."""
     rows_needed = max(*batch_sizes, long_tail_rows)
     base = LLM(model, device=device, dtype=dtype, max_num_seqs=rows_needed)
-    systems = _systems(base, drafters, ks, rows_needed, seed)
+    systems = build_systems(base, drafters, ks, rows_needed, seed)
     prompts = [base.encode(q, chat=True) for q in load_questions(rows_needed, prompts_file)]
     print(HEADER, flush=True)
     rows, paired, trace = _fixed_workload(systems, prompts, batch_sizes, temperature, new_tokens, repeats, seed)
@@ -139,7 +142,7 @@ def run_adaptive_bench(model: str, drafters: list[str], batch_sizes: tuple[int, 
     return result
 
 
-def _params(budgets: list[int], temperature: float, seed: int, repeat: int) -> list[SamplingParams]:
+def repeat_params(budgets: list[int], temperature: float, seed: int, repeat: int) -> list[SamplingParams]:
     """One row per budget. Every system gets the same seeds within a repeat; each repeat gets new ones,
     so the median over repeats also averages the luck of the sampled answers (with one seed per row
     for all repeats, a system's answers, and so its acceptance, would be the same draw every time)."""
@@ -164,10 +167,10 @@ def _fixed_workload(systems: dict[str, LLM], prompts: list[list[int]], batch_siz
     paired, trace = [], []
     for batch in batch_sizes:
         for llm in systems.values():  # warm-up (and the controller's first look at this batch)
-            _measure(llm, prompts[:batch], _params([new_tokens] * batch, temperature, seed, repeat=-1))
+            _measure(llm, prompts[:batch], repeat_params([new_tokens] * batch, temperature, seed, repeat=-1))
         results: dict[str, list[dict]] = {name: [] for name in systems}
         for repeat in range(repeats):
-            params = _params([new_tokens] * batch, temperature, seed, repeat)
+            params = repeat_params([new_tokens] * batch, temperature, seed, repeat)
             for name, llm in _in_turn(systems, seed, repeat):
                 results[name].append(_measure(llm, prompts[:batch], params))
         off = [r["off_step_s"] for r in results["adaptive"] if r["off_step_s"] is not None]
@@ -187,7 +190,7 @@ def _long_tail_workload(systems: dict[str, LLM], prompts: list[list[int]], budge
     adaptive controller's trace of its last run."""
     tail: dict[str, list[dict]] = {name: [] for name in systems}
     for repeat in range(repeats):  # interleaved like the fixed batches; medians are reported
-        params = _params(budgets, temperature, seed, repeat)
+        params = repeat_params(budgets, temperature, seed, repeat)
         for name, llm in _in_turn(systems, seed, repeat):
             tail[name].append(_measure(llm, prompts[:len(budgets)], params))
     rows = _rows("long-tail", len(budgets), tail)

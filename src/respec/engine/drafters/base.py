@@ -71,10 +71,10 @@ class DraftState:
     def tokens_at(self, first: torch.Tensor, width: int) -> torch.Tensor:
         """``[B, width]`` tokens at positions ``first .. first + width - 1`` of each row, read from the
         emitted tokens (so positions must lie past the prompt); clamped at the newest, ``last_token``."""
-        generated = self.generated
         # Position ``lengths`` holds emitted token ``generated - 1``.
-        index = first[:, None] + torch.arange(width, device=first.device) - self.lengths[:, None] + generated[:, None] - 1
-        index = torch.minimum(index.clamp(min=0), (generated - 1)[:, None])
+        last = self.generated - 1
+        index = first[:, None] + torch.arange(width, device=first.device) - self.lengths[:, None] + last[:, None]
+        index = torch.minimum(index.clamp(min=0), last[:, None])
         return self.out_tokens.gather(1, index)
 
 
