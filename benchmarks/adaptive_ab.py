@@ -2,7 +2,7 @@
 seeded order per repeat after one warm-up; prints the adaptive engine's steps per arm and each system's
 median tokens/s and paired ratio against eagle:1, and the median time of the controller's ``choose``.
 
-    python benchmarks/adaptive_ab.py BATCH REPEATS ["{'thompson_sharpness': 1.0}"] [EAGLE_HEAD]
+    python benchmarks/adaptive_ab.py BATCH REPEATS ["{'acceptance_memory': 128.0}"] [EAGLE_HEAD]
     # the third argument: ControllerConfig overrides
 """
 
@@ -16,8 +16,8 @@ import time
 import numpy as np
 
 from respec import LLM
-from respec.bench import load_questions
-from respec.bench_adaptive import build_systems, repeat_params
+from respec.data.tasks import load_questions
+from respec.bench.adaptive import build_systems, repeat_params
 
 
 def main() -> None:

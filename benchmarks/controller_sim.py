@@ -1,4 +1,4 @@
-"""The adaptive controller's choices in a simulated world whose truth is known: exploration settings compared.
+"""The adaptive controller's choices in a simulated world whose truth is known: its settings compared.
 
 A fixed world, set near what this repository measured on a 2-core CPU with SmolLM2-135M at T = 0.7: a
 target step costs 30 ms + 2.6 ms per row-token (+ a small quadratic term), an EAGLE head 6 ms per draft
@@ -24,20 +24,19 @@ import json
 
 import numpy as np
 
-from respec.engine.controller import AdaptiveController, Arm, ControllerConfig
+from respec.engine.controller import AdaptiveController, Arm, ControllerConfig, ControllerTuning
 from respec.engine.cost_model import CostModel, batch_grid
 
 RATES = {"eagle": np.array([0.48, 0.44]), "ngram": np.array([0.18, 0.50])}
 DRAFT_STEP_S = {"eagle": 6e-3, "ngram": 0.5e-3}
 CATCH_UP = {"eagle": "none", "ngram": "none"}  # EAGLE shadows while it sits out: switching on is free
-SETTINGS = {
-    "epsilon, prior 1": {"explore": "epsilon"},
-    "epsilon, prior 4": {"explore": "epsilon", "prior_weight": 4.0},
-    "thompson, prior 1": {"explore": "thompson"},
-    "thompson, prior 4": {"explore": "thompson", "prior_weight": 4.0},
-    "thompson, no cost draws": {"explore": "thompson", "cost_spread": 0.0},
-    "ucb, prior 1": {"explore": "ucb"},
-    "thompson, sharpness 1": {"explore": "thompson", "thompson_sharpness": 1.0},
+SETTINGS = {  # ControllerConfig or ControllerTuning fields over the defaults (Thompson sampling)
+    "default": {},
+    "no exploration": {"explore": False},
+    "prior 4": {"prior_weight": 4.0},
+    "no cost draws": {"cost_spread": 0.0},
+    "sharpness 1": {"thompson_sharpness": 1.0},
+    "memory 256": {"acceptance_memory": 256.0},
 }
 SCHEDULE = [(1, 40)] * 4 + [(2, 40)] * 4 + [(4, 40)] * 4 + [(16, 40)] * 2 + [(64, 40)] * 2
 
@@ -62,7 +61,9 @@ def make_controller(setting: dict, seed: int, off_bias: float = 1.0) -> Adaptive
     truth = np.array([[target_s(b, t) for t in range(1, 4)] for b in batches])
     profile = truth * np.exp(np.random.default_rng(seed + 999).normal(0, 0.05, truth.shape))
     profile[:, 0] *= off_bias
-    config = ControllerConfig(max_draft_tokens=2, k_choices=(1, 2), seed=seed, profile_cache="", **setting)
+    tuned = {k: v for k, v in setting.items() if k in ControllerTuning.__dataclass_fields__}
+    config = ControllerConfig(max_draft_tokens=2, k_choices=(1, 2), seed=seed, profile_cache="",
+                              tuning=ControllerTuning(**tuned), **{k: v for k, v in setting.items() if k not in tuned})
     return AdaptiveController(config, dict(CATCH_UP), CostModel(batches, profile))
 
 

@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from respec.bench import measure_read_bandwidth
+from respec.bench.throughput import measure_read_bandwidth
 from respec.models.linear import eligible_kernels, run_kernel
 
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536), "lm_head": (49152, 576)}

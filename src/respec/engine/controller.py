@@ -1,31 +1,40 @@
-"""Choosing the speculative configuration of every decode step.
+"""Choosing the speculative configuration of every decode step, and the one factory that builds the chooser.
 
 An *arm* is either ``off`` (the plain autoregressive step) or a drafter with a draft length k. The
 adaptive controller predicts, for each arm and the current active batch, the step's time (cost_model.py)
 and the tokens it emits (per-position acceptance rates of each drafter, exponentially weighted so a
-stale drafter loses its place by itself), and takes the arm with the highest goodput: emitted tokens
-per second. Switching a drafter on after it sat out costs a catch-up pass, spread over
-``switch_horizon`` steps in the comparison. Optional exploration (epsilon-greedy, UCB or Thompson) keeps the
-estimates of unused arms alive, but only among arms predicted within ``explore_margin`` of the best
-(judged without their catch-up cost, which grows while a drafter sits out): an arm known to lose by
-far is not paid for again and again (where speculation never pays, as on a
-small CPU, exploring it is pure cost). When a drafter's weights change (the online learner published
-a new version) its acceptance estimate is relaxed towards the prior, so the new version gets tried.
-The random draws come from a seeded generator, so the choices are a deterministic function of the
-seed and of the measurements.
+stale drafter loses its place by itself, acceptance.py), and takes the arm with the highest goodput:
+emitted tokens per second. Switching a drafter on after it sat out costs a catch-up pass, spread over
+``switch_horizon`` steps in the comparison. Thompson sampling keeps the estimates of unused arms alive,
+but only among arms predicted within ``explore_margin`` of the best (judged without their catch-up
+cost, which grows while a drafter sits out): an arm known to lose by far is not paid for again and
+again (where speculation never pays, as on a small CPU, exploring it is pure cost). When a drafter's
+weights change (the online learner published a new version) its acceptance estimate is relaxed
+towards the prior, so the new version gets tried. The random draws come from a seeded generator, so
+the choices are a deterministic function of the seed and of the measurements.
+
+``speculative`` means the same everywhere (``LLM``, ``Engine``, the trainer's ``rollout`` section, the
+CLI): ``None`` or ``"off"``, an int k (one drafter, k drafts every step), ``"adaptive"`` or a
+``ControllerConfig``; ``make_controller`` turns it into a controller.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .acceptance import AcceptanceEstimate
 from .cost_model import CostModel
 from .speculative import MAX_DRAFT_TOKENS
+from .stats import StepRecord
 
-EXPLORATION = ("none", "epsilon", "ucb", "thompson")
+if TYPE_CHECKING:
+    from ..models.decoder import DecoderLM
+    from .drafters.base import Drafter
+
+DEFAULT_K = 4  # drafts per step when one drafter is given without ``speculative``
 
 
 @dataclass(frozen=True)
@@ -41,26 +50,15 @@ class Arm:
 OFF = Arm()
 
 
-@dataclass
-class ControllerConfig:
-    max_draft_tokens: int = 8  # arms use k in 1..max_draft_tokens (or ``k_choices``)
-    k_choices: tuple[int, ...] | None = None
-    allow_off: bool = True
-    # Observations over which each position's acceptance estimate forgets (time constant): a step in
-    # which r rows reach a position keeps exp(-r / acceptance_memory) of its past, so a batch-1 step,
-    # one noisy observation, moves it little, and a step that does not reach it leaves it be.
-    acceptance_memory: float = 64.0
-    cost_decay: float = 0.8  # per measurement: weight of the past in the cost corrections
+@dataclass(frozen=True)
+class ControllerTuning:
+    """The controller's constants. Each default is the one the measurements favoured
+    (docs/ARCHITECTURE.md, benchmarks/controller_sim.py); change them only to study the controller."""
+
     prior_acceptance: float = 0.6  # per-position acceptance assumed before a drafter is measured
-    # Row-steps of evidence each position's prior counts as (position i's prior is position i - 1's
-    # rate). More keeps a drafter that a few unlucky batch-1 steps put below every arm in play, at the
-    # price of a slower start; exploration is what retries a drafter locked out all the same.
+    # Row-steps of evidence each position's prior counts as (position i's prior is position i - 1's rate).
     prior_weight: float = 1.0
-    # Thompson: an arm near the best is scored with one draw of its rates from their posteriors, so a
-    # drafter that a few unlucky first steps put low is retried while it may be the best. Epsilon-greedy
-    # (2%) left the better drafter locked out in half of simulated batch-1 starts, Thompson in 13%
-    # (benchmarks/controller_sim.py).
-    explore: str = "thompson"
+    cost_decay: float = 0.8  # per measurement: weight of the past in the cost corrections
     # Thompson draws costs too: each near arm's target time times exp(N(0, cost_spread^2 / (1 + n))),
     # n the measurements of its (batch, tokens) cell. Off has no rates to draw; without this, a few
     # slow off steps at a batch size left it priced too high there for good (a rollout's tail at
@@ -68,16 +66,45 @@ class ControllerConfig:
     cost_spread: float = 0.15
     # Thompson counts each observation this many times in the posteriors it draws from. Forgetting
     # caps the evidence at ~acceptance_memory observations, so unsharpened draws stay wide for good and
-    # keep buying arms a few percent behind: at batch 1, where every arm is within 10-20%, that cost
-    # 5-10% of the best arm's speed (docs/benchmarks.md, session 15). The means still forget as fast.
+    # keep buying arms a few percent behind (5-10% of the best arm's speed at batch 1, where every arm
+    # is within 10-20%). The means still forget as fast.
     thompson_sharpness: float = 4.0
-    epsilon: float = 0.02  # explore="epsilon": share of steps spent on a random arm near the best
     explore_margin: float = 0.25  # explore only arms whose predicted goodput is within this share of the best
-    ucb_scale: float = 0.1
     switch_horizon: int = 16  # steps a drafter's catch-up cost is spread over
-    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, low, high in (("prior_acceptance", 0.0, 1.0), ("cost_decay", 0.0, 1.0)):
+            value = getattr(self, name)
+            if not low < value < high:
+                raise ValueError(f"{name}: must be in ({low:g}, {high:g}), got {value}")
+        for name in ("prior_weight", "thompson_sharpness"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if not self.cost_spread >= 0:
+            raise ValueError(f"cost_spread: must be >= 0, got {self.cost_spread}")
+        if not 0 <= self.explore_margin <= 1:
+            raise ValueError(f"explore_margin: must be in [0, 1], got {self.explore_margin}")
+        if not isinstance(self.switch_horizon, int) or self.switch_horizon < 1:
+            raise ValueError(f"switch_horizon: must be an integer >= 1, got {self.switch_horizon!r}")
+
+
+@dataclass
+class ControllerConfig:
+    """The adaptive SD server's settings (``speculative=ControllerConfig(...)``, ``rollout.controller``)."""
+
+    max_draft_tokens: int = 8  # arms use k in 1..max_draft_tokens (or ``k_choices``)
+    k_choices: tuple[int, ...] | None = None
+    allow_off: bool = True  # False: always speculate (with the best drafter and k)
+    # Thompson sampling among arms near the best (False: always the arm predicted best). Epsilon-greedy
+    # at 2% left the better drafter locked out after unlucky first steps in half of simulated batch-1
+    # starts, Thompson in 13%, at equal or better goodput at every batch size (controller_sim.py).
+    explore: bool = True
+    # Observations over which each position's acceptance estimate forgets (time constant): a stale
+    # drafter is priced down within a few of these. 256 gained nothing measurable and reacted too slowly.
+    acceptance_memory: float = 64.0
+    seed: int | None = None  # of the exploration draws; None: 0 (the trainer passes its run seed)
     profile_cache: str | None = None  # directory for the start-up profile; "" = do not cache
-    record_trace: bool = True
+    tuning: ControllerTuning = field(default_factory=ControllerTuning)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_draft_tokens, int) or not 1 <= self.max_draft_tokens <= MAX_DRAFT_TOKENS:
@@ -90,95 +117,57 @@ class ControllerConfig:
             bad = [k for k in self.k_choices if not isinstance(k, int) or not 1 <= k <= self.max_draft_tokens]
             if bad:
                 raise ValueError(f"k_choices: {bad} outside [1, max_draft_tokens={self.max_draft_tokens}]")
-        if not 0 < self.cost_decay < 1:
-            raise ValueError(f"cost_decay: must be in (0, 1), got {self.cost_decay}")
         if not self.acceptance_memory > 0:
             raise ValueError(f"acceptance_memory: must be > 0 row-steps, got {self.acceptance_memory}")
-        if not self.prior_weight > 0:
-            raise ValueError(f"prior_weight: must be > 0 row-steps, got {self.prior_weight}")
-        if not 0 < self.prior_acceptance < 1:
-            raise ValueError(f"prior_acceptance: must be in (0, 1), got {self.prior_acceptance}")
-        if self.explore not in EXPLORATION:
-            raise ValueError(f"explore: must be one of {EXPLORATION}, got {self.explore!r}")
-        if not 0 <= self.epsilon <= 1:
-            raise ValueError(f"epsilon: must be in [0, 1], got {self.epsilon}")
-        if not self.thompson_sharpness > 0:
-            raise ValueError(f"thompson_sharpness: must be > 0, got {self.thompson_sharpness}")
-        if not self.cost_spread >= 0:
-            raise ValueError(f"cost_spread: must be >= 0, got {self.cost_spread}")
-        if not 0 <= self.explore_margin <= 1:
-            raise ValueError(f"explore_margin: must be in [0, 1], got {self.explore_margin}")
-        if self.switch_horizon < 1:
-            raise ValueError(f"switch_horizon: must be >= 1, got {self.switch_horizon}")
+        if not isinstance(self.explore, bool):
+            raise ValueError(f"explore: must be true (Thompson sampling) or false, got {self.explore!r}")
 
     @property
     def ks(self) -> tuple[int, ...]:
         return self.k_choices or tuple(range(1, self.max_draft_tokens + 1))
 
 
-@dataclass
-class StepRecord:
-    """One decode step as the controller saw it (the decision trace)."""
+def resolve_speculative(speculative: object, drafters: list[str]) -> int | ControllerConfig | None:
+    """``speculative`` in one of its spellings -> None (off), k, or a ControllerConfig; checked against
+    the drafters given (``drafters``: their names)."""
+    if speculative is None:
+        if len(drafters) > 1:
+            raise ValueError(f"speculative: {len(drafters)} drafters need speculative='adaptive' (or a "
+                             f"ControllerConfig) to choose among them")
+        return DEFAULT_K if drafters else None
+    if speculative == "off":
+        if drafters:
+            raise ValueError(f"speculative: 'off' with drafters {drafters}; drop the drafters or give k or 'adaptive'")
+        return None
+    if speculative == "adaptive":
+        speculative = ControllerConfig()
+    if isinstance(speculative, ControllerConfig):
+        if not drafters:
+            raise ValueError("speculative: needs a drafter (drafter='ngram', 'self:N', an EAGLE head or a model path)")
+        return speculative
+    if isinstance(speculative, int) and not isinstance(speculative, bool):
+        if not 1 <= speculative <= MAX_DRAFT_TOKENS:
+            raise ValueError(f"speculative: k must be in [1, {MAX_DRAFT_TOKENS}], got {speculative}")
+        if len(drafters) != 1:
+            raise ValueError(f"speculative: k = {speculative} drafts with exactly one drafter, got "
+                             f"{len(drafters)} ({drafters}); use 'adaptive' to choose among several")
+        return speculative
+    raise ValueError(f"speculative: expected None, 'off', an int k, 'adaptive' or a ControllerConfig, "
+                     f"got {speculative!r}")
 
-    batch: int
-    arm: str
-    predicted_s: float
-    measured_s: float
-    emitted: int
-    accepted: int
 
-
-class AcceptanceEstimate:
-    """Exponentially weighted per-position conditional acceptance of one drafter.
-
-    Position i's rate is accepted-at-i / reached-i, where a row reaches i when it accepted all drafts
-    before i (a row offered fewer drafts counts as a rejection, so short n-gram matches are priced in).
-    Each position's past fades per row that reaches it, not per step: ``memory`` observations is its
-    time constant whatever the batch and however rarely it is reached.
-    """
-
-    def __init__(self, max_k: int, memory: float, prior: float, prior_weight: float = 1.0) -> None:
-        self.memory, self.prior, self.prior_weight = memory, prior, prior_weight
-        self.accepted = np.zeros(max_k)
-        self.reached = np.zeros(max_k)
-
-    def rates(self) -> np.ndarray:
-        """The posterior means. Position 0's prior is ``prior``; position i's is position i - 1's
-        posterior mean (a draft position is rarely reached, so its own evidence is thin, and the one
-        before it is the best guess: a fixed prior there made k = 2 look as good as the prior however
-        poor the drafter). Each prior counts as ``prior_weight`` observations."""
-        rates = np.empty(len(self.accepted))
-        prior = self.prior
-        for i, (accepted, reached) in enumerate(zip(self.accepted, self.reached)):
-            rates[i] = prior = (accepted + prior * self.prior_weight) / (reached + self.prior_weight)
-        return rates
-
-    def sample_rates(self, rng: np.random.Generator, sharpness: float = 1.0) -> np.ndarray:
-        """One draw of the rates from Beta posteriors around ``rates`` (Thompson sampling), each
-        observation counted ``sharpness`` times."""
-        means = self.rates()
-        weight = sharpness * self.reached + self.prior_weight
-        return rng.beta(means * weight, (1 - means) * weight)
-
-    def expected_emitted(self, k: int, rates: np.ndarray | None = None) -> float:
-        """Tokens per row per step: 1 + sum over j <= k of P(the first j drafts are all accepted)."""
-        return 1.0 + float(np.cumprod(self.rates() if rates is None else rates)[:k].sum())
-
-    def relax(self, keep: float) -> None:
-        """Keep only ``keep`` of the evidence (the drafter changed): the prior weighs more again."""
-        self.accepted *= keep
-        self.reached *= keep
-
-    def record(self, num_accepted: np.ndarray, k: int) -> None:
-        positions = np.arange(k)
-        reached = (num_accepted[:, None] >= positions[None, :]).sum(0)
-        accepted = (num_accepted[:, None] > positions[None, :]).sum(0)
-        # Each position forgets per row that reached it: one a step does not reach keeps its evidence.
-        # Fading it anyway let a deep position relax to its prior (the position before's rate) while
-        # the controller ran a shorter k, and sent it back to the longer k again and again.
-        keep = np.exp(-reached / self.memory)
-        self.accepted[:k] = self.accepted[:k] * keep + accepted
-        self.reached[:k] = self.reached[:k] * keep + reached
+def make_controller(speculative: object, drafters: dict[str, Drafter], model: DecoderLM,
+                    max_num_seqs: int) -> StaticController | AdaptiveController | None:
+    """The controller for ``speculative`` (see ``resolve_speculative``) over ``drafters``; an adaptive
+    one profiles the target first (cached on disk)."""
+    resolved = resolve_speculative(speculative, list(drafters))
+    if resolved is None:
+        return None
+    if isinstance(resolved, int):
+        return StaticController(Arm(next(iter(drafters)), resolved))
+    cost = CostModel.profile(model, max_num_seqs, max(resolved.ks) + 1, cache_dir=resolved.profile_cache,
+                             decay=resolved.tuning.cost_decay)
+    return AdaptiveController(resolved, {name: d.catch_up_kind for name, d in drafters.items()}, cost)
 
 
 class StaticController:
@@ -220,20 +209,18 @@ class AdaptiveController:
         if cost.max_tokens < max(config.ks) + 1:
             raise ValueError(f"profile: covers {cost.max_tokens} tokens per row, k up to {max(config.ks)} "
                              f"needs {max(config.ks) + 1}")
-        self.config, self.cost, self.catch_up_kind = config, cost, dict(drafters)
+        self.config, self.tuning, self.cost, self.catch_up_kind = config, config.tuning, cost, dict(drafters)
         self.max_k = max(config.ks)
         self.arms = ([OFF] if config.allow_off else []) + [Arm(d, k) for d in drafters for k in config.ks]
-        self.acceptance = {d: AcceptanceEstimate(max(config.ks), config.acceptance_memory, config.prior_acceptance,
-                                            config.prior_weight)
+        self.acceptance = {d: AcceptanceEstimate(self.max_k, config.acceptance_memory, self.tuning.prior_acceptance,
+                                                 self.tuning.prior_weight)
                            for d in drafters}
         self.missed = dict.fromkeys(drafters, 0.0)  # tokens per row decoded since each drafter last ran
         self.reread = dict.fromkeys(drafters, 0.0)  # of those, what its catch-up must re-read from the target
-        self.uses = dict.fromkeys(self.arms, 0)  # steps taken per arm
         self._arm_tokens = np.array([1 if arm.drafter is None else arm.k + 1 for arm in self.arms])  # per row
-        self.rng = np.random.default_rng(config.seed)
+        self.rng = np.random.default_rng(config.seed or 0)
         self.trace: list[StepRecord] = []
         self._predicted = 0.0
-        self._steps = 0
 
     # ---------------------------------------------------------------- decisions
     def predicted_time(self, arm: Arm, batch: int) -> float:
@@ -264,7 +251,7 @@ class AdaptiveController:
     def _seconds(self, arms: list[Arm], batch: int) -> tuple[np.ndarray, np.ndarray]:
         """Each arm's predicted step time and its catch-up cost spread over ``switch_horizon``."""
         seconds = np.array([self.predicted_time(arm, batch) for arm in arms])
-        switch = np.array([self.switch_time(arm, batch) for arm in arms]) / self.config.switch_horizon
+        switch = np.array([self.switch_time(arm, batch) for arm in arms]) / self.tuning.switch_horizon
         return seconds, switch
 
     def _tokens(self, arms: list[Arm], batch: int, rates: dict[str, np.ndarray] | None = None) -> np.ndarray:
@@ -278,7 +265,7 @@ class AdaptiveController:
     def _cost_draws(self, batch: int) -> np.ndarray:
         """A factor per arm on its predicted time, spread as one step over the measurements of its cell."""
         measured = self.cost.observations(batch, self._arm_tokens)
-        return np.exp(self.config.cost_spread * self.rng.standard_normal(len(self.arms)) / np.sqrt(1 + measured))
+        return np.exp(self.tuning.cost_spread * self.rng.standard_normal(len(self.arms)) / np.sqrt(1 + measured))
 
     def choose(self, batch: int) -> Arm:
         # Arms worth exploring are judged without their catch-up cost, which grows with every step a
@@ -286,23 +273,16 @@ class AdaptiveController:
         seconds, switch = self._seconds(self.arms, batch)
         tokens = self._tokens(self.arms, batch)
         greedy = tokens / np.maximum(seconds + switch, 1e-9)
-        near = tokens / np.maximum(seconds, 1e-9) >= (1 - self.config.explore_margin) * greedy.max()
+        near = tokens / np.maximum(seconds, 1e-9) >= (1 - self.tuning.explore_margin) * greedy.max()
         scores = greedy
-        if self.config.explore == "ucb":
-            uses = np.array([self.uses[arm] for arm in self.arms], dtype=np.float64)
-            bonus = 1 + self.config.ucb_scale * np.sqrt(math.log(self._steps + 2) / (uses + 1))
-            scores = np.where(near, greedy * bonus, greedy)
-        if self.config.explore == "thompson":  # each arm as good as one plausible draw of its rates and cost
-            drawn = {name: estimate.sample_rates(self.rng, self.config.thompson_sharpness)
+        if self.config.explore:  # each near arm as good as one plausible draw of its rates and cost
+            drawn = {name: estimate.sample_rates(self.rng, self.tuning.thompson_sharpness)
                      for name, estimate in self.acceptance.items()}
             drawn_seconds = seconds * self._cost_draws(batch)
             scores = np.where(near, self._tokens(self.arms, batch, drawn) / np.maximum(drawn_seconds + switch, 1e-9),
                               greedy)
         index = int(scores.argmax())
-        if self.config.explore == "epsilon" and self.rng.random() < self.config.epsilon:
-            candidates = np.flatnonzero(near)
-            index = int(candidates[self.rng.integers(len(candidates))])
-        self._predicted = float(seconds[index] + switch[index] * self.config.switch_horizon)
+        self._predicted = float(seconds[index] + switch[index] * self.tuning.switch_horizon)
         return self.arms[index]
 
     # ---------------------------------------------------------------- learning
@@ -326,8 +306,6 @@ class AdaptiveController:
                num_accepted: np.ndarray | None, emitted: int, catch_up_seconds: float = 0.0) -> None:
         """After a step with ``arm``: its wall time, the drafter's proposal and catch-up times within
         it and, when drafting, the accepted drafts per row."""
-        self._steps += 1
-        self.uses[arm] += 1
         tokens = 1 if arm.drafter is None else arm.k + 1
         self.cost.record_target(batch, tokens, seconds - draft_seconds - catch_up_seconds)
         if arm.drafter is not None:
@@ -342,22 +320,5 @@ class AdaptiveController:
             if arm.drafter != name:
                 self.missed[name] += per_row
                 self.reread[name] += per_row
-        if self.config.record_trace:
-            accepted = int(num_accepted.sum()) if num_accepted is not None else 0
-            self.trace.append(StepRecord(batch, arm.label, self._predicted, seconds, emitted, accepted))
-
-
-@dataclass
-class TraceSummary:
-    steps: int = 0
-    arms: dict[str, int] = field(default_factory=dict)
-    median_relative_error: float = float("nan")  # |predicted - measured| / measured, after warm-up
-
-
-def summarize_trace(trace: list[StepRecord], warmup: int = 10) -> TraceSummary:
-    arms: dict[str, int] = {}
-    for record in trace:
-        arms[record.arm] = arms.get(record.arm, 0) + 1
-    later = trace[warmup:]
-    errors = [abs(r.predicted_s - r.measured_s) / r.measured_s for r in later if r.measured_s > 0]
-    return TraceSummary(len(trace), arms, float(np.median(errors)) if errors else float("nan"))
+        accepted = int(num_accepted.sum()) if num_accepted is not None else 0
+        self.trace.append(StepRecord(batch, arm.label, self._predicted, seconds, emitted, accepted))

@@ -23,11 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import write_text_atomic
-from ..models import native, presets
+from ..models import native
 from ..models.decoder import DecoderLM
 from ..models.kernel_tuning import machine_key
 from ..models.linear import kernel_choices
+from ..utils.atomic import write_text_atomic
+from ..utils.paths import cache_dir as default_cache_dir
 from .cache import KVCache
 
 # Once a grid cell has a few measurements, one step counts as at most this factor off its estimate:
@@ -202,7 +203,7 @@ def _time_grid(model: DecoderLM, batches: list[int], max_tokens: int, repeats: i
 def _cache_path(model: DecoderLM, batches: list[int], max_tokens: int,
                 cache_dir: str | os.PathLike | None) -> Path | None:
     if cache_dir is None:
-        cache_dir = presets.cache_dir()
+        cache_dir = default_cache_dir()
     if str(cache_dir) == "":
         return None
     device = model.device

@@ -12,7 +12,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -21,15 +21,16 @@ from tqdm.auto import tqdm
 from ..models.decoder import DecoderLM
 from ..models.kernel_tuning import tune_linear_kernels
 from .cache import KVCache
-from .controller import OFF, AdaptiveController, Arm, ControllerConfig, StaticController, StepRecord
-from .cost_model import CostModel
+from .controller import OFF, Arm, ControllerConfig, make_controller
 from .drafters.base import Drafter, TargetTrace, check_vocab
 from .params import SamplingParams
 from .rng import random_seed, uniforms
 from .sampling import sample
 from .slots import Sequence, SlotTable
-from .speculative import SpecStats, SpeculativeConfig, speculative_step
+from .speculative import speculative_step
+from .stats import GenerationStats
 from .transfer import to_device
+from .verify import verify_drafts
 
 DEFAULT_KV_CACHE_BYTES = 4 << 30
 
@@ -38,23 +39,6 @@ DEFAULT_KV_CACHE_BYTES = 4 << 30
 class Request:
     prompt_ids: list[int]
     params: SamplingParams
-
-
-@dataclass
-class GenerationStats:
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    decode_steps: int = 0
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    spec: SpecStats = field(default_factory=SpecStats)
-    arm_steps: dict[str, int] = field(default_factory=dict)  # decode steps per arm ("off", "ngram:4", ...)
-    trace: list[StepRecord] = field(default_factory=list)  # per-step decisions (adaptive controller)
-
-    @property
-    def tokens_per_s(self) -> float:
-        elapsed = self.prefill_s + self.decode_s
-        return self.generated_tokens / elapsed if elapsed > 0 else 0.0
 
 
 class Engine:
@@ -71,7 +55,7 @@ class Engine:
         kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
         decode_text: Callable[[list[int]], str] | None = None,
         drafter: Drafter | dict[str, Drafter] | None = None,
-        speculative: SpeculativeConfig | ControllerConfig | None = None,
+        speculative: int | str | ControllerConfig | None = None,
     ) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs: must be >= 1, got {max_num_seqs}")
@@ -82,7 +66,8 @@ class Engine:
             check_vocab(each.vocab_size, model.config.vocab_size)
         if model.device.type == "cpu":  # before the cost profile below, which times these kernels
             tune_linear_kernels([model, *(d.learnable() for d in self.drafters.values() if d.learnable() is not None)])
-        self.controller = self._make_controller(speculative)
+        self.controller = make_controller(speculative, self.drafters, model, max_num_seqs)
+        self.verify = verify_drafts  # the exact verifier; the audit's negative control swaps in a broken one
         self.stats = GenerationStats()
         if self.controller is not None:
             self.stats.trace = self.controller.trace
@@ -96,26 +81,6 @@ class Engine:
         self.cache: KVCache | None = None
         self.slots = SlotTable(0, 0, 0, model.device)  # sized per generate() call in _prepare
         self._synced: set[str] = set()  # drafters whose state covers every active row's tokens
-
-    def _make_controller(self, speculative) -> StaticController | AdaptiveController | None:
-        if not self.drafters:
-            return None
-        if isinstance(speculative, ControllerConfig):
-            cost = CostModel.profile(self.model, self.max_num_seqs, max(speculative.ks) + 1,
-                                     cache_dir=speculative.profile_cache, decay=speculative.cost_decay)
-            kinds = {name: d.catch_up_kind for name, d in self.drafters.items()}
-            return AdaptiveController(speculative, kinds, cost)
-        if speculative is not None and not isinstance(speculative, SpeculativeConfig):
-            raise ValueError(f"speculative: expected a SpeculativeConfig or ControllerConfig, got {speculative!r}")
-        if len(self.drafters) > 1:
-            raise ValueError("speculative: several drafters need ControllerConfig (adaptive) to choose among them")
-        k = (speculative or SpeculativeConfig()).num_draft_tokens
-        return StaticController(Arm(next(iter(self.drafters)), k))
-
-    @property
-    def drafter(self) -> Drafter | None:
-        """The drafter, when there is exactly one."""
-        return next(iter(self.drafters.values())) if len(self.drafters) == 1 else None
 
     @property
     def draft_tokens(self) -> int:
@@ -322,7 +287,7 @@ class Engine:
         before = self.slots.host_generated[:active].copy()
         result = speculative_step(self.model, self.cache, self.slots, self.drafters[arm.drafter], arm.k,
                                   self.stats.spec, catch_up=arm.drafter not in self._synced,
-                                  time_drafter=self.controller.times_drafter, shadowing=shadowing)
+                                  time_drafter=self.controller.times_drafter, shadowing=shadowing, verify=self.verify)
         self._synced = {arm.drafter}
         finished = list(result.finished)
         finished += self._stop_string_hits(0, active, finished, before)

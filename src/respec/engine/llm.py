@@ -15,10 +15,10 @@ from ..models.loading import load_model
 from ..models.presets import DEFAULT_MODEL
 from .controller import ControllerConfig
 from .drafters import Drafter, make_drafters
-from .engine import DEFAULT_KV_CACHE_BYTES, Engine, GenerationStats, Request
+from .engine import DEFAULT_KV_CACHE_BYTES, Engine, Request
 from .params import SamplingParams
 from .slots import Sequence
-from .speculative import SpeculativeConfig
+from .stats import GenerationStats
 
 Prompt = str | list[int] | list[dict[str, str]]
 
@@ -69,11 +69,12 @@ class LLM:
         max_model_len: int | None = None,
         kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
         drafter: Drafter | str | os.PathLike | list | None = None,
-        speculative: SpeculativeConfig | ControllerConfig | int | str | None = None,
+        speculative: int | str | ControllerConfig | None = None,
     ) -> None:
         """``drafter``: one drafter or a list ("ngram", "self:N", an EAGLE head directory, a draft
-        model, a Drafter). ``speculative``: k (int or SpeculativeConfig) for one drafter at a fixed k,
-        or "adaptive" / a ControllerConfig to let the controller pick off or (drafter, k) every step."""
+        model, a Drafter). ``speculative``: None or "off" (plain decoding; None with one drafter: k = 4),
+        an int k (one drafter, k drafts every step), or "adaptive" / a ControllerConfig to let the
+        controller pick off or (drafter, k) every step."""
         device = torch.device(device) if device is not None else default_device()
         dtype = _parse_dtype(dtype) if dtype is not None else default_dtype(device)
         if isinstance(model, DecoderLM):
@@ -85,10 +86,6 @@ class LLM:
         self.tokenizer = tokenizer if tokenizer is not None and not isinstance(tokenizer, (str, Path)) \
             else _load_tokenizer(tokenizer or source)
         self.drafters = make_drafters(drafter, self.model, self.tokenizer)
-        self.drafter = next(iter(self.drafters.values())) if len(self.drafters) == 1 else None
-        speculative = _speculative_config(speculative)
-        if speculative is not None and not self.drafters:
-            raise ValueError("speculative: needs a drafter (drafter='ngram', 'self:N', a model path or a Drafter)")
         self.engine = Engine(
             self.model, self._eos_ids(), max_num_seqs=max_num_seqs, max_model_len=max_model_len,
             kv_cache_bytes=kv_cache_bytes,
@@ -159,17 +156,6 @@ class LLM:
             text = text[: text.find(seq.stop_text_hit)] if seq.stop_text_hit in text else text
         return Sample(token_ids=list(ids), text=text, logprobs=list(seq.logprobs),
                       finish_reason=seq.finish_reason or "length")
-
-
-def _speculative_config(speculative: Any) -> SpeculativeConfig | ControllerConfig | None:
-    if isinstance(speculative, int) and not isinstance(speculative, bool):
-        return SpeculativeConfig(num_draft_tokens=speculative)
-    if speculative == "adaptive":
-        return ControllerConfig()
-    if speculative is None or isinstance(speculative, (SpeculativeConfig, ControllerConfig)):
-        return speculative
-    raise ValueError(f"speculative: expected an int k, 'adaptive', a SpeculativeConfig or a ControllerConfig, "
-                     f"got {speculative!r}")
 
 
 def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:

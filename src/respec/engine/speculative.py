@@ -23,81 +23,17 @@ from .drafters.base import (
     Drafter,
     DraftSampler,
     DraftState,
+    Proposal,
     TargetTrace,
 )
 from .rng import uniforms
 from .sampling import processed_logprobs_steps
 from .slots import SlotTable
+from .stats import SpecStats
 from .transfer import to_device
 from .verify import verify_drafts
 
 MAX_DRAFT_TOKENS = 32
-
-
-@dataclass(frozen=True)
-class SpeculativeConfig:
-    """How the engine speculates. ``num_draft_tokens`` is k, the drafts proposed per row per step."""
-
-    num_draft_tokens: int = 4
-
-    def __post_init__(self) -> None:
-        k = self.num_draft_tokens
-        if not isinstance(k, int) or not 1 <= k <= MAX_DRAFT_TOKENS:
-            raise ValueError(f"num_draft_tokens: must be an integer in [1, {MAX_DRAFT_TOKENS}], got {k!r}")
-
-
-@dataclass
-class SpecStats:
-    """Cumulative speculative-decoding counters (acceptance length includes the bonus token)."""
-
-    verify_steps: int = 0  # row-steps: one per active row per speculative step
-    drafted: int = 0
-    accepted: int = 0
-    emitted: int = 0
-    accepted_at: list[int] = field(default_factory=list)  # per draft position: accepted count
-    offered_at: list[int] = field(default_factory=list)  # per draft position: offered count
-    histogram: list[int] = field(default_factory=list)  # accepted drafts per row-step: count of 0..k
-    # per drafter weights version ("eagle@v3"): [row-steps, drafted, accepted, emitted]
-    by_version: dict[str, list[int]] = field(default_factory=dict)
-
-    @property
-    def accept_len(self) -> float:
-        """Tokens emitted per row per verify step (1 + accepted drafts), the usual tau."""
-        return self.emitted / self.verify_steps if self.verify_steps else 0.0
-
-    @property
-    def accept_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
-
-    @property
-    def accept_rate_at(self) -> list[float]:
-        """Conditional acceptance per draft position: accepted there / offered and reached there."""
-        return [a / o if o else 0.0 for a, o in zip(self.accepted_at, self.offered_at)]
-
-    def record(self, num_accepted: np.ndarray, offered: np.ndarray, emitted: np.ndarray, k: int,
-               version: str | None = None) -> None:
-        if version is not None:
-            counts = self.by_version.setdefault(version, [0, 0, 0, 0])
-            for i, value in enumerate((len(num_accepted), offered.sum(), num_accepted.sum(), emitted.sum())):
-                counts[i] += int(value)
-        self.verify_steps += len(num_accepted)
-        self.drafted += int(offered.sum())
-        self.accepted += int(num_accepted.sum())
-        self.emitted += int(emitted.sum())
-        positions = np.arange(k)[None, :]
-        reached = (positions <= num_accepted[:, None]) & (positions < offered[:, None])
-        self.offered_at = _add(self.offered_at, reached.sum(0))
-        self.accepted_at = _add(self.accepted_at, (positions < num_accepted[:, None]).sum(0))
-        self.histogram = _add(self.histogram, np.bincount(num_accepted, minlength=k + 1))
-
-
-def _add(totals: list[int], increments: np.ndarray) -> list[int]:
-    """Element-wise sum of a running list and new counts, growing the list when k grows."""
-    size = max(len(totals), len(increments))
-    summed = np.zeros(size, dtype=np.int64)
-    summed[: len(totals)] += np.asarray(totals, dtype=np.int64)
-    summed[: len(increments)] += increments
-    return summed.tolist()
 
 
 @dataclass
@@ -114,33 +50,18 @@ class StepResult:
 
 def speculative_step(model: DecoderLM, cache: KVCache, slots: SlotTable, drafter: Drafter, k: int,
                      stats: SpecStats, *, catch_up: bool = False, time_drafter: bool = False,
-                     shadowing: list[Drafter] = ()) -> StepResult:
+                     shadowing: list[Drafter] = (), verify=verify_drafts) -> StepResult:
     """Draft and verify once for the active rows ``0..B-1``; the caller commits the result.
     ``catch_up``: the drafter sat out earlier steps and first brings its state up to date.
     ``time_drafter``: measure the drafter's share of the step (one extra device sync on GPUs).
-    ``shadowing``: drafters sitting this step out that keep up from its captured features."""
+    ``shadowing``: drafters sitting this step out that keep up from its captured features.
+    ``verify``: the verifier (``verify.verify_drafts``; the audit's negative control passes a broken one)."""
     batch = slots.active
     params = slots.row_params(0, batch)
-    host_generated = slots.host_generated[:batch]
     # Room: the last emitted token must stay within max_new_tokens, so a row drafts at most
     # budget - generated - 1 tokens (0 = a plain AR step through the verifier's bonus path).
-    room = np.minimum(slots.host_max_new[:batch] - host_generated - 1, k)
-    state = DraftState(last_token=slots.last_token[:batch], prev_token=slots.prev_token[:batch],
-                       lengths=slots.lengths[:batch], host_lengths=slots.host_lengths[:batch],
-                       sequences=slots.sequences[:batch], generated=slots.generated[:batch],
-                       host_generated=host_generated, out_tokens=slots.out_tokens[:batch])
-    sampler = DraftSampler(params, slots.keys[:batch], host_generated, model.device)
-    started = time.perf_counter()
-    catch_up_seconds = 0.0
-    if catch_up:
-        drafter.catch_up(state, model, cache)
-        if time_drafter and model.device.type == "cuda":
-            torch.cuda.synchronize(model.device)
-        catch_up_seconds = time.perf_counter() - started
-    proposal = drafter.propose(state, k, sampler)
-    if time_drafter and model.device.type == "cuda":
-        torch.cuda.synchronize(model.device)
-    draft_seconds = time.perf_counter() - started - catch_up_seconds
+    room = np.minimum(slots.host_max_new[:batch] - slots.host_generated[:batch] - 1, k)
+    proposal, draft_seconds, catch_up_seconds = _draft(model, cache, slots, drafter, k, catch_up, time_drafter)
     offered = to_device(room, model.device)
     if proposal.lens is not None:
         offered = torch.minimum(offered, proposal.lens)
@@ -150,14 +71,9 @@ def speculative_step(model: DecoderLM, cache: KVCache, slots: SlotTable, drafter
     capture = tuple(sorted({layer for d in (drafter, *shadowing) for layer in d.capture_layers}))
     out = model(ids, positions, cache=cache, rows=slice(0, batch), kv_len=kv_len, capture_layers=capture)
     target = processed_logprobs_steps(model.logits(out.hidden), params)
-    accept_u = resample_u = None
-    if params.any_random:  # draft i is token index generated + i: its accept test and its resample
-        counters = host_generated[:, None] + np.arange(k + 1)[None, :]
-        keys = slots.keys[:batch, None]
-        accept_u = to_device(uniforms(keys, counters[:, :k], ACCEPT_STREAM), model.device)
-        resample_u = to_device(uniforms(keys, counters, TOKEN_STREAM), model.device)
-    verdict = verify_drafts(target, proposal.tokens, proposal.logprobs, accept_u, resample_u,
-                            params.temperature == 0, offered)
+    accept_u, resample_u = _verify_uniforms(slots, batch, k, model.device) if params.any_random else (None, None)
+    verdict = verify(target, proposal.tokens, proposal.logprobs, accept_u, resample_u, params.temperature == 0,
+                     offered)
     result = _emitted(verdict, slots, batch)
     # The step's one device -> host transfer: what the host needs to book-keep and to finish rows.
     host = torch.stack((result.counts, verdict.num_accepted, offered, result.ends.long())).cpu().numpy()
@@ -174,6 +90,39 @@ def speculative_step(model: DecoderLM, cache: KVCache, slots: SlotTable, drafter
             idle.shadow(trace)
     slots.advance_block(result.tokens, result.logprobs, result.counts, counts)
     return result
+
+
+def _draft(model: DecoderLM, cache: KVCache, slots: SlotTable, drafter: Drafter, k: int, catch_up: bool,
+           time_drafter: bool) -> tuple[Proposal, float, float]:
+    """The drafter's catch-up (when it sat out steps) and proposal for the active rows; returns the
+    proposal and the seconds of each part (device work included only when ``time_drafter``)."""
+    batch = slots.active
+    host_generated = slots.host_generated[:batch]
+    state = DraftState(last_token=slots.last_token[:batch], prev_token=slots.prev_token[:batch],
+                       lengths=slots.lengths[:batch], host_lengths=slots.host_lengths[:batch],
+                       sequences=slots.sequences[:batch], generated=slots.generated[:batch],
+                       host_generated=host_generated, out_tokens=slots.out_tokens[:batch])
+    sampler = DraftSampler(slots.row_params(0, batch), slots.keys[:batch], host_generated, model.device)
+    sync = time_drafter and model.device.type == "cuda"
+    started = time.perf_counter()
+    catch_up_seconds = 0.0
+    if catch_up:
+        drafter.catch_up(state, model, cache)
+        if sync:
+            torch.cuda.synchronize(model.device)
+        catch_up_seconds = time.perf_counter() - started
+    proposal = drafter.propose(state, k, sampler)
+    if sync:
+        torch.cuda.synchronize(model.device)
+    return proposal, time.perf_counter() - started - catch_up_seconds, catch_up_seconds
+
+
+def _verify_uniforms(slots: SlotTable, batch: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draft i is token index generated + i: the uniforms of its accept test and of its resample."""
+    counters = slots.host_generated[:batch, None] + np.arange(k + 1)[None, :]
+    keys = slots.keys[:batch, None]
+    return (to_device(uniforms(keys, counters[:, :k], ACCEPT_STREAM), device),
+            to_device(uniforms(keys, counters, TOKEN_STREAM), device))
 
 
 def _trace(captured: dict, verdict, counts: torch.Tensor, host_counts: np.ndarray,

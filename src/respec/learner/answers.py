@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import write_text_atomic
+from ..utils.atomic import write_text_atomic
 
 ANSWERS_FORMAT = "respec-drafter-answers-v1"
 

@@ -16,58 +16,20 @@ import math
 import random
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from ..bench import GSM8K_DEFAULT, arithmetic_questions, load_questions
+from ..data.tasks import arithmetic_questions, chat_prompt, load_questions, load_task
 from ..engine.llm import LLM, Prompt
 from ..engine.params import SamplingParams
 from ..models.decoder import DecoderLM
 from ..models.eagle import EagleConfig, EagleHead
-from ..rl.tasks import TASK_NAMES, chat_prompt, load_task
 from .answers import Example, load_answers, save_answers
+from .config import OfflineConfig
 from .distill import DistillBatch, DistillResult, ttt_forward
-
-
-@dataclass
-class OfflineConfig:
-    model: str = "smollm2-135m"
-    prompts: str | None = None  # JSONL with "question", or "arithmetic"; default GSM8K when present
-    # The RL task's training problems, phrased exactly as the trainer phrases them (its instruction
-    # and chat template), so the head learns the answers the RL run will draft: "arithmetic" (of
-    # ``levels``) or "gsm8k" (from ``prompts``, default the GSM8K file).
-    task: str | None = None
-    levels: tuple[int, ...] = (1, 2, 3)
-    out: str = "drafters/smollm2-eagle"
-    num_prompts: int = 256
-    max_new_tokens: int = 128
-    temperature: float = 0.7
-    depths: int = 4  # TTT unroll = the k the head is trained for
-    epochs: int = 3
-    batch_size: int = 4
-    lr: float = 1e-3
-    draft_vocab_size: int = 4096  # 0 = the full target vocabulary
-    held_out: float = 0.1
-    seed: int = 0
-    examples: str | None = None  # answers file: read when it exists, else written after generating
-    init_from: str | None = None  # a saved head to continue training (keeps its draft vocabulary)
-    history: list[dict] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        for name in ("num_prompts", "max_new_tokens", "depths", "epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature: must be > 0 for distillation, got {self.temperature}")
-        if not 0 <= self.held_out < 1:
-            raise ValueError(f"held_out: must be in [0, 1), got {self.held_out}")
-        if self.draft_vocab_size < 0:
-            raise ValueError(f"draft_vocab_size: must be >= 0, got {self.draft_vocab_size}")
-        if self.task is not None and self.task not in TASK_NAMES:
-            raise ValueError(f"task: must be one of {TASK_NAMES}, got {self.task!r}")
 
 
 def collect_examples(llm: LLM, questions: list[Prompt], config: OfflineConfig) -> list[Example]:
@@ -252,8 +214,7 @@ def initial_head(target: DecoderLM, examples: list[Example], config: OfflineConf
 def training_prompts(config: OfflineConfig) -> list[Prompt]:
     """The prompts whose answers the head is trained on (see ``OfflineConfig.prompts`` and ``task``)."""
     if config.task is not None:
-        path = config.prompts or (str(GSM8K_DEFAULT) if config.task == "gsm8k" else None)
-        problems, _ = load_task(config.task, config.num_prompts, 1, config.seed, path, tuple(config.levels))
+        problems, _ = load_task(config.task, config.num_prompts, 1, config.seed, config.prompts, tuple(config.levels))
         return [chat_prompt(problem) for problem in problems]
     if config.prompts == "arithmetic":
         return arithmetic_questions(config.num_prompts, config.seed)

@@ -20,14 +20,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..config import LearnerConfig
 from ..engine.drafters.eagle import EagleDrafter
+from ..engine.snapshots import Mailbox, apply_snapshot, make_snapshot
 from ..models.decoder import DecoderLM
 from ..models.linear import fast_linear
 from .buffer import Sample, SampleBuffer, capture_micro_batch, collate
+from .config import LearnerConfig
 from .distill import DistillResult, ttt_forward
 from .losses import reward_weights
-from .publish import Mailbox, apply_snapshot, make_snapshot
 
 
 class FrozenTarget:

@@ -22,8 +22,8 @@ import warnings
 
 import torch
 
-from ..config import LearnerConfig
 from ..models.decoder import DecoderLM
+from .config import LearnerConfig
 from .online import FrozenTarget, OnlineLearner, RoundResult
 
 

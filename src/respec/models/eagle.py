@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..atomic import staged_dir
+from ..utils.atomic import staged_dir
 from .config import ModelConfig
 from .decoder import MLP, DecoderLM, RMSNorm
 from .linear import Linear

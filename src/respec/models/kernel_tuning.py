@@ -20,10 +20,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..atomic import write_text_atomic
+from ..utils.atomic import write_text_atomic
+from ..utils.paths import cache_dir
 from . import native
-from .linear import KERNELS, NATIVE_KERNELS, ROW_BUCKETS, Linear, eligible_kernels, run_kernel, set_kernel_choices
-from .presets import cache_dir
+from .linear import (
+    KERNELS,
+    NATIVE_KERNELS,
+    ROW_BUCKETS,
+    Linear,
+    eligible_kernels,
+    run_kernel,
+    set_kernel_choices,
+)
 
 # Matrices smaller than this are tiny test models: their timings are noise and nothing to gain.
 MIN_MATRIX_BYTES = 256 * 1024

@@ -11,10 +11,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..atomic import staged_dir
+from ..utils.atomic import staged_dir
 from .config import ModelConfig, read_hf_config
 from .decoder import DecoderLM
-from .presets import resolve_preset
+from .presets import PRESETS, converted_dir, preset_gguf_path, preset_key
 from .weights import hf_to_respec, load_into, respec_to_hf
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -25,13 +25,23 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
     path = Path(model).expanduser()
     if path.exists():
         return path
-    preset = resolve_preset(str(model))
-    if preset is None:
-        from .presets import PRESETS
-
+    key = preset_key(str(model))
+    if key is None:
         raise ValueError(f"model: {str(model)!r} is neither an existing path nor a known preset "
                          f"(presets: {', '.join(sorted(PRESETS))})")
-    return preset
+    target = converted_dir(key)
+    if not ((target / "model.safetensors").is_file() and (target / "config.json").is_file()):
+        _convert_gguf(preset_gguf_path(key), target)
+    return target
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """A preset's GGUF dequantized once into an HF directory (~15 s); later loads read that."""
+    from transformers import AutoTokenizer
+
+    model, _ = load_model(gguf)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    save_pretrained(model, target, tokenizer=tokenizer)
 
 
 def load_model(model: str | os.PathLike, device: str | torch.device = "cpu",

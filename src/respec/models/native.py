@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .presets import cache_dir
+from ..utils.paths import cache_dir
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("skinny_matmul.c", "rms_norm.c", "decode_attention.c"))
 DISABLE_ENV = "RESPEC_NATIVE_KERNELS"

@@ -8,12 +8,10 @@ under the cache (``$RESPEC_CACHE_DIR``, default ``~/.cache/respec``) and later l
 from __future__ import annotations
 
 import importlib.util
-import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from ..utils.paths import cache_dir
 
 
 @dataclass(frozen=True)
@@ -34,10 +32,6 @@ PRESET_ALIASES = {"smollm2-135m-instruct": "smollm2-135m", "smollm2": "smollm2-1
 DEFAULT_MODEL = "smollm2-135m"
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("RESPEC_CACHE_DIR", Path.home() / ".cache" / "respec"))
-
-
 def preset_gguf_path(name: str) -> Path:
     preset = PRESETS[name]
     # find_spec locates the package without importing it (its __init__ needs the `llm` CLI package).
@@ -50,25 +44,12 @@ def preset_gguf_path(name: str) -> Path:
     return gguf
 
 
-def resolve_preset(name: str) -> Path | None:
-    """The HF directory of a preset (converted on first use), or None if ``name`` is no preset."""
+def preset_key(name: str) -> str | None:
+    """The preset a name (or alias, any case) stands for; None if it is no preset."""
     key = PRESET_ALIASES.get(name.lower(), name.lower())
-    if key not in PRESETS:
-        return None
-    target = cache_dir() / "models" / key
-    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
-        return target
-    gguf = preset_gguf_path(key)
-    log.info("converting %s to %s (once)", gguf, target)
-    _convert_gguf(gguf, target)
-    return target
+    return key if key in PRESETS else None
 
 
-def _convert_gguf(gguf: Path, target: Path) -> None:
-    from transformers import AutoTokenizer
-
-    from .loading import load_model, save_pretrained
-
-    model, _ = load_model(gguf)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    save_pretrained(model, target, tokenizer=tokenizer)
+def converted_dir(key: str) -> Path:
+    """Where a preset's HF directory lives once converted (``loading.resolve_model_path`` converts it)."""
+    return cache_dir() / "models" / key

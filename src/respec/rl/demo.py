@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import time
 
-from ..config import load_config
-from ..metrics import read_metrics
-from ..report import make_report, series
+from .config import load_config
+from .metrics import read_metrics
+from .report import make_report, series
 from .trainer import Trainer
 
 DEMO_OVERRIDES = [
     "out_dir=runs/demo", "steps=8", "eval_every=8", "eval_max_new_tokens=64", "checkpoint_every=0",
     "task.name=arithmetic", "task.levels=[1, 2]", "task.num_train=1000", "task.num_eval=64",
     "rollout.prompts_per_step=8", "rollout.group_size=8", "rollout.temperature=0.8", "rollout.max_new_tokens=64",
-    "rollout.speculative=adaptive", "rollout.drafters=[ngram]", "rollout.k=4", "rollout.compare_ar_every=4",
+    "rollout.speculative=adaptive", "rollout.drafters=[ngram]", "rollout.controller.max_draft_tokens=4",
+    "rollout.compare_ar_every=4",
     "optim.lr=2e-6", "optim.warmup_steps=1", "optim.micro_batch_size=16",
 ]
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..config import LearnerConfig, TrainConfig
 from ..engine.drafters.eagle import EagleDrafter
 from ..engine.llm import LLM
+from ..learner.config import LearnerConfig
 from ..learner.online import OnlineLearner
 from ..learner.worker import LearnerWorker
+from .config import TrainConfig
 
 
 def make_online_learner(config: TrainConfig, llm: LLM) -> tuple[OnlineLearner | None, LearnerWorker | None]:
@@ -16,8 +17,10 @@ def make_online_learner(config: TrainConfig, llm: LLM) -> tuple[OnlineLearner | 
     if learner_config.mode == "off":
         return None, None
     drafter = _learned_drafter(learner_config, config.rollout.drafters, llm)
-    learner = OnlineLearner(drafter, learner_config, learner_config.resolved_depths(config.rollout),
-                            learner_config.resolved_temperature(config.rollout), seed=config.seed)
+    rollout = config.rollout
+    depths = learner_config.depths or rollout.max_k  # the unroll trains the drafts the rollout asks for
+    temperature = learner_config.temperature or (rollout.temperature if rollout.temperature > 0 else 1.0)
+    learner = OnlineLearner(drafter, learner_config, depths, temperature, seed=config.seed)
     return learner, LearnerWorker(learner, learner_config)
 
 

@@ -1,4 +1,4 @@
-"""The GRPO training loop: rollout -> rewards -> advantages -> update -> drafter hook -> eval -> checkpoint.
+"""The GRPO training loop: rollout -> rewards -> advantages -> update -> online learner -> eval -> checkpoint.
 
 The actor is ``self.llm.model``: the engine generates with the very modules the optimizer updates, so
 the step after an update already samples from the new policy (no weight copy, no sync). Rollouts are
@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import time
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,20 +18,23 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..config import TaskConfig, TrainConfig, save_config
-from ..engine.controller import ControllerConfig
+from ..data.tasks import Problem, chat_prompt, load_task
 from ..engine.llm import LLM
 from ..engine.params import SamplingParams
-from ..metrics import MetricsWriter
 from ..models.loading import load_weights
-from .checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (
+    latest_checkpoint,
+    load_trainer_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from .config import TaskConfig, TrainConfig, save_config
 from .grpo import group_advantages
 from .learner_hooks import make_online_learner, skipped_rows_filter
+from .metrics import MetricsWriter
 from .rewards import RewardFn, combine, correctness_reward
-from .tasks import Problem, chat_prompt, load_task
 from .update import Capture, UpdateBatch, grpo_update
-
-DrafterHook = Callable[["Trainer", "Rollout"], dict[str, float]]
 
 
 @dataclass
@@ -50,18 +52,14 @@ class Rollout:
 
 def make_llm(config: TrainConfig) -> LLM:
     r = config.rollout
-    kwargs = {"device": config.device, "dtype": config.dtype, "max_num_seqs": r.max_num_seqs}
-    if r.speculative == "off":
-        return LLM(config.model, **kwargs)
-    if r.speculative == "static":
-        return LLM(config.model, drafter=r.drafters[0], speculative=r.k, **kwargs)
-    return LLM(config.model, drafter=list(r.drafters), speculative=ControllerConfig(max_draft_tokens=r.k,
-                                                                                     seed=config.seed), **kwargs)
+    drafters = list(r.drafters) if r.speculative != "off" else None
+    return LLM(config.model, device=config.device, dtype=config.dtype, max_num_seqs=r.max_num_seqs,
+               drafter=drafters, speculative=r.engine_speculative(seed=config.seed))
 
 
 class Trainer:
     def __init__(self, config: TrainConfig, *, resume: bool = False, llm: LLM | None = None,
-                 drafter_hook: DrafterHook | None = None, reward_fn: RewardFn | None = None) -> None:
+                 reward_fn: RewardFn | None = None) -> None:
         """``reward_fn`` replaces the configured rewards (custom tasks, tests)."""
         self.config = config.validate()
         torch.manual_seed(config.seed)
@@ -80,7 +78,6 @@ class Trainer:
         self.reference = None
         if o.kl_coef > 0:  # a frozen copy of the initial policy
             self.reference = copy.deepcopy(self.actor).requires_grad_(False)
-        self.drafter_hook = drafter_hook
         self.step = 0
         self.epoch, self.position = 0, 0
         self.order = self._order(0)
@@ -162,7 +159,7 @@ class Trainer:
                              self.reference, self._capture(rollout))
         update_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        drafter = dict(self.drafter_hook(self, rollout)) if self.drafter_hook else {}
+        drafter: dict[str, float] = {}
         if self.learner_worker is not None:
             version = self.learner.drafter.version
             self.learner_worker.after_update(self.actor, self.step, rollout_stats.get("sd/accept_len"),

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import TrainConfig
 from ..engine.sampling import processed_logprobs_steps, uniform_row_params
 from ..models.decoder import DecoderLM
+from .config import TrainConfig
 from .grpo import policy_loss, response_logprobs
 
 

@@ -20,6 +20,7 @@ import torch
 
 from ..rng import uniforms
 from ..sampling import RowParams, processed_logprobs, sample_tokens
+from ..snapshots import apply_snapshot
 from ..transfer import to_device
 
 if TYPE_CHECKING:
@@ -133,8 +134,6 @@ class Drafter:
         newest = self.source.version
         if newest <= self.version or newest == self._rejected:
             return False
-        from ...learner.publish import apply_snapshot
-
         snapshot = self.source.latest()
         try:
             apply_snapshot(self.learnable(), snapshot)

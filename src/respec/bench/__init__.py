@@ -1,0 +1,1 @@
+"""Benchmarks (``respec bench``), the speculation headroom bound and the exactness audit."""
