@@ -5,8 +5,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.respec-installed
+# The GSM8K training split (question/answer JSONL): benchmarks, the gsm8k config and a test read it
+# through RESPEC_GSM8K. Set it yourself, or keep a copy beside the checkout as shared/data/gsm8k/.
+GSM8K := $(firstword $(wildcard ../shared/data/gsm8k/train.jsonl))
+ifneq ($(GSM8K),)
+export RESPEC_GSM8K ?= $(abspath $(GSM8K))
+endif
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -25,6 +31,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q -ra
+
+test-fast: setup  # the inner loop: everything but the statistical, convergence and real-model tests
+	$(PY) -m pytest -q -m "not slow"
 
 bench: setup
 	$(VENV)/bin/respec bench --out bench.json

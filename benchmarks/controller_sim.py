@@ -112,7 +112,7 @@ def main() -> None:
                         help="second goodput world: the profile's off column this much too slow")
     parser.add_argument("--eagle-rates", default="0.48,0.44",
                         help="the EAGLE head's true per-position acceptance (0.36,0.22: a second draft that "
-                             "pays less than the first, as measured at batch 1 in session 15)")
+                             "pays less than the first, as measured at batch 1)")
     parser.add_argument("--only", default=None, help="run only this setting (a name from SETTINGS)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()

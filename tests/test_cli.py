@@ -27,9 +27,22 @@ def test_generate_prints_every_sample(tiny_llama, capsys):
     assert "[sample 0, " in out and "[sample 1, " in out
 
 
+@pytest.mark.parametrize("speculation", [["--drafter", "ngram", "--speculative", "2"],
+                                         ["--drafter", "ngram,self:1", "--speculative", "adaptive"]])
+def test_generate_speculates_and_prints_what_plain_decoding_prints(tiny_llama, speculation, capsys):
+    argv = ["generate", "--model", str(tiny_llama), "--max-new-tokens", "12", "--temperature", "0", "--no-chat",
+            "--no-progress", "hello world", "the quick brown fox"]
+    assert main(argv) == 0
+    plain = capsys.readouterr().out
+    assert main([*argv, *speculation]) == 0
+    assert capsys.readouterr().out == plain
+
+
 @pytest.mark.parametrize(("argv", "field"), [
     (["generate", "--temperature", "-1", "hi"], "temperature"),
     (["generate", "--n", "0", "hi"], "n"),
+    (["generate", "--speculative", "3", "hi"], "speculative"),
+    (["generate", "--drafter", "ngram", "--speculative", "sometimes", "hi"], "speculative"),
     (["bench", "--spec"], "drafters"),
     (["bench", "--adaptive"], "drafters"),
     (["train", "rollout.temperature=-1"], "rollout.temperature"),

@@ -17,6 +17,7 @@ def speculative_llm(tiny_llama) -> LLM:
     return LLM(str(tiny_llama), device="cpu", drafter="self:1", speculative=4, max_num_seqs=512)
 
 
+@pytest.mark.slow
 def test_audit_passes_on_the_real_sampler(speculative_llm):
     checks = run_audit(speculative_llm, PROMPTS, PARAMS, samples=3000, max_new_tokens=24)
     assert [c.name for c in checks] == ["distribution", "greedy", "logprobs"]
@@ -25,6 +26,7 @@ def test_audit_passes_on_the_real_sampler(speculative_llm):
     assert 0.05 < speculative_llm.stats.spec.accept_rate < 0.95
 
 
+@pytest.mark.slow
 def test_audit_fails_on_an_always_accept_sampler(speculative_llm):
     with always_accept(speculative_llm):
         checks = run_audit(speculative_llm, PROMPTS, PARAMS, samples=3000, max_new_tokens=24)
@@ -51,6 +53,7 @@ def test_chi_square_pools_small_cells_and_flags_impossible_samples():
     assert chi2 == float("inf") and p_value(chi2, 1) == 0.0
 
 
+@pytest.mark.slow
 def test_chi_square_is_calibrated_on_peaked_distributions_with_small_groups():
     """Under the null, the audit statistic (summed over many small groups of a peaked distribution, as
     an LLM's next-token law is) rejects at about its nominal rate. Pooling only the cells expecting < 5

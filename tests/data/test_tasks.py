@@ -31,3 +31,36 @@ def test_gsm8k_loader_reads_answers_and_names_bad_rows(tmp_path):
         gsm8k_problems(bad)
     with pytest.raises(ValueError, match="does not exist"):
         gsm8k_problems(tmp_path / "missing.jsonl")
+
+
+def test_questions_come_from_a_file_the_environment_names_or_the_generator(tmp_path, monkeypatch):
+    from respec.data.tasks import arithmetic_questions, load_questions
+
+    monkeypatch.delenv("RESPEC_GSM8K", raising=False)
+    assert load_questions(3) == arithmetic_questions(3)
+    path = tmp_path / "q.jsonl"
+    path.write_text("\n".join(json.dumps({"question": f"q{i}", "answer": "#### 1"}) for i in range(5)) + "\n")
+    monkeypatch.setenv("RESPEC_GSM8K", str(path))
+    assert load_questions(2) == ["q0", "q1"]
+    assert load_task("gsm8k", 3, 2, seed=0)[1][0].answer == "1"  # task.path unset: the same file
+    path.write_text(json.dumps({"prompt": "no question field"}) + "\n")
+    with pytest.raises(ValueError, match="line 1 needs 'question'"):
+        load_questions(2)
+    monkeypatch.delenv("RESPEC_GSM8K")
+    with pytest.raises(ValueError, match="RESPEC_GSM8K"):
+        load_task("gsm8k", 3, 2, seed=0)
+
+
+def test_the_real_gsm8k_split_loads_when_present():
+    """The GSM8K training split named by $RESPEC_GSM8K (``make test`` sets it when a copy sits beside
+    the checkout): every row parses to a plain number; skipped on a machine without it."""
+    from respec.utils.paths import gsm8k_path
+
+    path = gsm8k_path()
+    if path is None:
+        pytest.skip("no GSM8K file: set RESPEC_GSM8K to a GSM8K-format train.jsonl")
+    problems = gsm8k_problems(path)
+    assert len(problems) > 1000
+    assert all(p.answer.lstrip("-").replace(".", "", 1).isdigit() for p in problems)
+    train, held_out = load_task("gsm8k", 500, 50, seed=0, path=str(path))
+    assert len(train) == 500 and not {p.question for p in train} & {p.question for p in held_out}

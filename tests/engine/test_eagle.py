@@ -109,6 +109,7 @@ def test_engine_drafts_match_a_from_scratch_head(target_llm, k, monkeypatch):
     assert checked.count(0) > 20 and set(checked) == set(range(k)) and 0 < llm.stats.spec.accepted
 
 
+@pytest.mark.slow
 def test_ttt_training_reduces_the_loss(target_llm):
     """The head overfits a fixed batch: distillation loss falls by at least half in 50 steps."""
     model = target_llm.model

@@ -182,6 +182,7 @@ def test_greedy_rows_take_argmax():
 FILTERS = [(0, 1.0), (5, 1.0), (0, 0.9), (8, 0.8)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 1.5])
 @pytest.mark.parametrize("top_k,top_p", FILTERS)
 @pytest.mark.parametrize("vocab", [20, 32])
@@ -205,6 +206,7 @@ def test_empirical_distribution_matches(vocab, temperature, top_k, top_p):
     assert p_value > P_VALUE_LIMIT
 
 
+@pytest.mark.slow
 def test_negative_control_wrong_sampler_fails():
     """Sampling from softmax(logits) when T = 0.5 was asked for must fail the same checks."""
     g = torch.Generator().manual_seed(6)

@@ -640,6 +640,7 @@ def test_non_integer_speculative_raises_value_error(target, speculative):
 
 # -------------------------------------------------------------------- 16. T > 0: SD vs AR distribution
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 16])
 @pytest.mark.parametrize("k", [1, 4])
 @pytest.mark.parametrize("temperature", [0.7, 1.0])
@@ -659,6 +660,7 @@ def test_speculative_distribution_equals_autoregressive(small_target, temperatur
         assert p_value > DISTRIBUTION_P_LIMIT, f"tokens {window.start}-{window.stop - 1}: p = {p_value:.2e}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("broken", ["always_accept", "residual_from_p"])
 def test_distribution_test_fails_for_broken_verifier(small_target, monkeypatch, broken):
     """Negative controls: a verifier that accepts every draft (vllm-ascend PR #13766) emits the drafter's
@@ -732,6 +734,7 @@ def test_greedy_acceptance_equals_what_the_drafters_own_guesses_imply(target, ar
     assert 0 < spec.accepted < spec.drafted  # the drafter both hits and misses: the check has teeth
 
 
+@pytest.mark.slow
 def test_sampled_first_draft_acceptance_matches_the_overlap_of_p_and_q(target, vocab):
     """At T = 1 a first draft is accepted with probability sum_x min(p(x), q(x)) under the round's true
     prefix. Spying on the rounds gives each one's prefix; the accepted first drafts must match the sum

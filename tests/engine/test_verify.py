@@ -300,6 +300,7 @@ def run_one_step(target: torch.Tensor, draft: torch.Tensor, drafter: str, n: int
                          torch.zeros(n, dtype=torch.bool))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("drafter", DRAFTERS)
 @pytest.mark.parametrize("top_k,top_p", FILTERS)
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 1.5])
@@ -323,6 +324,7 @@ def test_first_token_follows_target(temperature, top_k, top_p, drafter):
         assert 0 < rate < 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("drafter", ["sampled", "argmax"])
 @pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (8, 0.8)])
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 1.5])
@@ -343,6 +345,7 @@ def test_bonus_token_follows_target(temperature, top_k, top_p, drafter):
     assert result.p_value > P_VALUE_LIMIT, result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("drafter", ["sampled", "fixed"])
 @pytest.mark.parametrize("control", CONTROLS)
 def test_negative_controls_fail_first_token_test(monkeypatch, control, drafter):
@@ -356,6 +359,7 @@ def test_negative_controls_fail_first_token_test(monkeypatch, control, drafter):
     assert result.p_value < P_VALUE_LIMIT, result
 
 
+@pytest.mark.slow
 def test_draft_lens_bonus_comes_from_p_not_residual():
     """A row offering fewer drafts than k, all accepted, draws its bonus from p at position draft_len."""
     g = torch.Generator().manual_seed(31)
@@ -446,6 +450,7 @@ def chain_fit(tokens: torch.Tensor) -> Fit:
     return fit(cells, chain_target_joint())
 
 
+@pytest.mark.slow
 def test_chain_joint_of_first_three_tokens():
     """A3: later positions and bonus tokens, across rounds: joint over 216 cells matches the target chain."""
     result = chain_fit(simulate_chain(CHAIN_DRAWS, seed=11))
@@ -454,6 +459,7 @@ def test_chain_joint_of_first_three_tokens():
     assert result.p_value > P_VALUE_LIMIT, result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("control", ["always_accept", "residual_from_p", "residual_from_q"])
 def test_negative_controls_fail_chain_test(monkeypatch, control):
     tiny = install_control(monkeypatch, control)
@@ -564,6 +570,7 @@ def test_sampled_rows_require_resample_uniforms():
         verify_drafts(target, drafts, None, uniforms(g, 4, 3), None, greedy)
 
 
+@pytest.mark.slow
 def test_sampled_empty_draft_is_a_draw_from_p():
     """k=0, deterministic drafter interface (no draft logprobs): the one token follows p exactly."""
     g = torch.Generator().manual_seed(3)

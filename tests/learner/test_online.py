@@ -75,6 +75,7 @@ def sampled_sequences(llm: LLM, count: int, seed: int, new_tokens: int = 24) -> 
 
 
 # ---------------------------------------------------------------------- 18. overfit a batch
+@pytest.mark.slow
 @pytest.mark.parametrize("top_k", [0, 8])
 def test_learner_overfits_a_fixed_batch(target_llm, top_k):
     learner = learner_for(target_llm, random_head(target_llm.model, seed=1), logits_top_k=top_k,
@@ -114,6 +115,7 @@ def engine_accept_len(llm: LLM, drafter: EagleDrafter, prompts: list[list[int]])
     return spec.stats.spec.accept_len
 
 
+@pytest.mark.slow
 def test_held_out_acceptance_rises_after_updates(target_llm):
     learner = learner_for(target_llm, random_head(target_llm.model, seed=3, scale=0.05), updates_per_round=40)
     sequences, prompt_len = sampled_sequences(target_llm, 32, seed=5)
@@ -179,6 +181,7 @@ def test_swapping_weights_every_step_keeps_greedy_output(target_llm):
     assert sum(v[0] for v in versions.values()) == spec.stats.spec.verify_steps
 
 
+@pytest.mark.slow
 def test_swapping_weights_every_step_keeps_the_sampling_distribution(small_target):
     drafter = swapping_drafter(small_target)
     engine = Engine(small_target, max_num_seqs=10_000, drafter=drafter, speculative=1)

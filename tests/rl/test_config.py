@@ -97,3 +97,11 @@ def test_a_saved_config_loads_back_the_same(tmp_path):
     config = load_config(None, ["rollout.controller.k_choices=[1,3]", "rollout.controller.tuning.switch_horizon=8"])
     save_config(config, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == config
+
+
+@pytest.mark.parametrize("name", ["smollm2-arith.yaml", "smollm2-gsm8k.yaml"])
+def test_the_shipped_configs_load(name):
+    from pathlib import Path
+
+    config = load_config(Path(__file__).resolve().parents[2] / "configs" / name)
+    assert config.rollout.speculative == "adaptive" and config.rollout.max_k == 4

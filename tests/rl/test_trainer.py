@@ -65,6 +65,7 @@ def reward_curve(model, out_dir, seed: int, speculative: str, steps: int = 24) -
     return [r["train/reward"] for r in rows if "train/reward" in r]
 
 
+@pytest.mark.slow
 def test_toy_task_is_learned_and_sd_rollouts_learn_like_ar(tiny_llama, tmp_path):
     """24: the last 8 steps' mean reward beats the first 8 by >= 0.3 for 3 seeds. 25: with speculative
     rollouts (static self-draft) the final rewards fall within the AR runs' seed-to-seed spread."""
@@ -155,6 +156,7 @@ KILL_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tiny_llama, tmp_path):
     run = tmp_path / "run"
     script = KILL_SCRIPT.format(tests=os.path.dirname(__file__), model=str(tiny_llama), run=str(run))
