@@ -16,8 +16,8 @@ import time
 import numpy as np
 
 from respec import LLM
-from respec.data.tasks import load_questions
 from respec.bench.adaptive import build_systems, repeat_params
+from respec.data.tasks import load_questions
 
 
 def main() -> None:

@@ -24,8 +24,10 @@ import json
 
 import numpy as np
 
-from respec.engine.controller import AdaptiveController, Arm, ControllerConfig, ControllerTuning
-from respec.engine.cost_model import CostModel, batch_grid
+from respec.engine.controller import AdaptiveController, Arm
+from respec.engine.cost_model import CostModel
+from respec.engine.profile import batch_grid
+from respec.engine.speculation import ControllerConfig, ControllerTuning
 
 RATES = {"eagle": np.array([0.48, 0.44]), "ngram": np.array([0.18, 0.50])}
 DRAFT_STEP_S = {"eagle": 6e-3, "ngram": 0.5e-3}

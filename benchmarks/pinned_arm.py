@@ -17,8 +17,8 @@ import statistics
 import sys
 
 from respec import LLM, SamplingParams
-from respec.data.tasks import load_questions
 from respec.bench.adaptive import build_systems
+from respec.data.tasks import load_questions
 
 DRAFTERS = ["drafters/smollm2-eagle-gsm8k-1536", "ngram"]
 

@@ -77,3 +77,29 @@ def test_bench_results_are_written_into_a_folder_that_does_not_exist_yet(tmp_pat
     assert _report("table", {"rows": [1]}, str(out)) == 0
     assert json.loads(out.read_text()) == {"rows": [1]}
     assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("override, field", [
+    ("optim.lr=inf", "optim.lr"), ("rollout.temperature=.inf", "rollout.temperature"), ("task.levels=[4]", "task.levels"),
+    ("device=bogus", "device"), ("task.name=gsm8k", "task.path"),
+])
+def test_train_refuses_bad_settings_in_one_line_before_the_model_loads(override, field, capsys, monkeypatch):
+    """``model`` names nothing that exists: reaching the model load would fail differently."""
+    monkeypatch.delenv("RESPEC_GSM8K", raising=False)
+    assert main(["train", "model=/nonexistent/model", override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"respec: error: {field}: ") and err.count("\n") == 1
+
+
+def test_train_refuses_a_directory_holding_another_run_and_a_missing_file(tiny_llama, tmp_path, capsys):
+    common = [f"model={tiny_llama}", f"out_dir={tmp_path / 'run'}", "steps=1", "eval_every=0",
+              "rollout.speculative=off", "rollout.prompts_per_step=1", "rollout.group_size=2",
+              "rollout.max_new_tokens=4", "task.num_train=8", "task.num_eval=2"]
+    assert main(["train", *common]) == 0
+    assert main(["train", *common, "seed=3"]) == 2
+    assert "holds another run" in capsys.readouterr().err
+    assert main(["train", *common, "steps=1", "--resume"]) == 2
+    assert "raise steps to continue" in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "nothing-here")]) == 2

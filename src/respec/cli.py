@@ -141,11 +141,19 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    print(f"respec train: checking the config{f' {args.config}' if args.config else ''}, the data and the "
+          f"run directory", flush=True)
     from .rl.config import load_config
+
+    config = load_config(args.config, args.overrides)  # checked whole before torch is even imported
     from .rl.trainer import Trainer
 
-    config = load_config(args.config, args.overrides)
-    trainer = Trainer(config, resume=args.resume)
+    print(f"respec train: {config.out_dir}: loading {config.model} (speculative: {config.rollout.speculative})",
+          flush=True)
+    trainer = Trainer(config, resume=args.resume, resume_from=args.resume_from, overwrite=args.overwrite,
+                      allow_config_change=args.allow_config_change)
+    if trainer.directory.moved_aside is not None:
+        print(f"respec train: the run that was in {config.out_dir} is now in {trainer.directory.moved_aside}")
     summary = trainer.train()
     for name, value in summary.items():
         print(f"{name}: {value:.3f}")
@@ -280,8 +288,9 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
     audit.add_argument("--prompt", action="append", default=None, help="prompt(s) to audit on (repeatable)")
     audit.add_argument("--max-num-seqs", type=int, default=256)
     audit.add_argument("--seed", type=int, default=0)
-    audit.add_argument("--negative-control", action="store_true",
-                       help="also run with an always-accept verifier, which must fail")
+    audit.add_argument("--negative-control", action=argparse.BooleanOptionalAction, default=True,
+                       help="also run with an always-accept verifier, which must fail (on by default: it shows "
+                            "the samples suffice to catch a biased sampler)")
     audit.set_defaults(func=cmd_audit)
 
 
@@ -289,7 +298,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train", help="GRPO training with speculative rollouts")
     train.add_argument("--config", default=None, help="YAML config (see configs/)")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.temperature=0.6 steps=40")
-    train.add_argument("--resume", action="store_true", help="continue from the run's newest complete checkpoint")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in out_dir from its newest sound checkpoint")
+    train.add_argument("--resume-from", type=int, default=None, metavar="STEP",
+                       help="continue the run in out_dir from the checkpoint of STEP")
+    train.add_argument("--overwrite", action="store_true",
+                       help="out_dir holds another run: move it aside (OUT_DIR.replaced-N) and start anew")
+    train.add_argument("--allow-config-change", action="store_true",
+                       help="resume although the config differs from the run's (beyond steps and logging)")
     train.set_defaults(func=cmd_train)
 
 
@@ -313,9 +329,12 @@ def main(argv: list[str] | None = None) -> int:
         args.batch_sizes = args.batch_sizes or (1, 8, 32)
     try:
         return args.func(args)
-    except ValueError as err:
+    except (ValueError, OSError) as err:  # bad input, a missing or unreadable file: one line, no traceback
         print(f"respec: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("respec: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

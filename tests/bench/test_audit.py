@@ -20,7 +20,8 @@ def speculative_llm(tiny_llama) -> LLM:
 @pytest.mark.slow
 def test_audit_passes_on_the_real_sampler(speculative_llm):
     checks = run_audit(speculative_llm, PROMPTS, PARAMS, samples=3000, max_new_tokens=24)
-    assert [c.name for c in checks] == ["distribution", "greedy", "logprobs"]
+    assert [c.name for c in checks] == ["distribution", "greedy", "logprobs",
+                                        "negative control (always-accept must fail)"]
     assert all(c.passed for c in checks), [c.figure for c in checks]
     # The drafter must be imperfect for the check to mean anything.
     assert 0.05 < speculative_llm.stats.spec.accept_rate < 0.95
@@ -72,3 +73,27 @@ def test_chi_square_is_calibrated_on_peaked_distributions_with_small_groups():
             chi2_total, dof_total = chi2_total + chi2, dof_total + dof
         p_values.append(p_value(chi2_total, dof_total))
     assert (torch.tensor(p_values) < 0.01).double().mean() <= 0.03
+
+
+def test_an_audit_on_too_few_samples_fails_and_says_how_many_it_needs(speculative_llm):
+    """8 samples pool into almost no degrees of freedom: the distribution check cannot pass on that, and
+    the always-accept control, undetected, fails the audit with a sample count that would detect it."""
+    checks = {c.name.split(" ")[0]: c for c in run_audit(speculative_llm, PROMPTS, PARAMS, samples=8,
+                                                         max_new_tokens=8)}
+    assert not checks["distribution"].passed and "too little evidence" in checks["distribution"].figure
+    control = checks["negative"]
+    assert not control.passed and "not detected" in control.figure
+
+
+@pytest.mark.parametrize("samples", [0, -3])
+def test_a_sample_count_below_one_is_refused(speculative_llm, samples):
+    with pytest.raises(ValueError, match="^samples: "):
+        run_audit(speculative_llm, PROMPTS, PARAMS, samples=samples)
+
+
+def test_samples_needed_grows_as_the_measured_bias_shrinks():
+    from respec.bench.audit import critical_value, samples_needed
+
+    assert critical_value(24) == pytest.approx(51.18, abs=0.01)  # chi-square tables, p = 0.001
+    assert samples_needed(1000, chi2=30.0, dof=10) > samples_needed(1000, chi2=300.0, dof=10) > 1000 / 30
+    assert samples_needed(1000, chi2=8.0, dof=10) is None  # no bias measured: nothing to extrapolate

@@ -8,17 +8,11 @@ import pytest
 
 from respec import LLM, SamplingParams
 from respec.engine.acceptance import AcceptanceEstimate
-from respec.engine.controller import (
-    DEFAULT_K,
-    OFF,
-    AdaptiveController,
-    Arm,
-    ControllerConfig,
-    ControllerTuning,
-    StaticController,
-)
-from respec.engine.cost_model import SPIKE, CostModel, batch_grid
+from respec.engine.controller import OFF, AdaptiveController, Arm, StaticController
+from respec.engine.cost_model import SPIKE, CostModel
 from respec.engine.drafters import DraftModelDrafter, EagleDrafter
+from respec.engine.profile import batch_grid
+from respec.engine.speculation import DEFAULT_K, ControllerConfig, ControllerTuning
 from respec.engine.stats import StepRecord, summarize_trace
 from respec.models.loading import load_model
 from tests.helpers import ragged_prompts, random_head
@@ -150,7 +144,7 @@ def test_one_stalled_step_moves_the_estimate_little_but_a_lasting_change_is_foll
 
 def test_profile_is_cached_on_disk(tiny_llama, tmp_path):
     model, _ = load_model(tiny_llama)
-    first = CostModel.profile(model, 4, 3, cache_dir=tmp_path, repeats=1)
+    first = CostModel.profile(model, 4, 3, cache_dir=tmp_path)
     assert first.table.shape == (3, 3) and (first.table > 0).all()
     assert len(list((tmp_path / "profiles").glob("*.json"))) == 1
     again = CostModel.profile(model, 4, 3, cache_dir=tmp_path)
@@ -165,11 +159,11 @@ def test_profile_is_retaken_when_the_kernels_change(tiny_llama, tmp_path):
     )
 
     model, _ = load_model(tiny_llama)
-    CostModel.profile(model, 4, 3, cache_dir=tmp_path, repeats=1)
+    CostModel.profile(model, 4, 3, cache_dir=tmp_path)
     saved = kernel_choices()
     try:
         set_kernel_choices({(12345, 64, 1): "gemm"})  # another tuned table: the old timings no longer hold
-        CostModel.profile(model, 4, 3, cache_dir=tmp_path, repeats=1)
+        CostModel.profile(model, 4, 3, cache_dir=tmp_path)
     finally:
         clear_kernel_choices()
         set_kernel_choices(saved)
@@ -511,7 +505,7 @@ def test_one_speculative_api_in_all_its_spellings(target):
 
 
 def test_profile_noise_is_removed_by_the_dominated_minimum():
-    from respec.engine.cost_model import dominated_minimum
+    from respec.engine.profile import dominated_minimum
 
     table = np.array([[1.0, 1.5, 9.0, 2.5],   # 9.0: an interrupted measurement
                       [5.0, 2.0, 2.5, 3.0]])  # 5.0 at batch 2 x 1 token > batch 2 x 2 tokens

@@ -148,7 +148,7 @@ def test_text_prompts_and_chat_template(llm):
 
 
 @pytest.mark.parametrize("prompts,params,message", [
-    ([], SamplingParams(), "prompts: empty list"),
+    ([], SamplingParams(), "prompts: empty"),
     ([""], SamplingParams(), r"prompts\[0\]: empty prompt"),
     ([[5] * 250], SamplingParams(max_new_tokens=10), r"prompts\[0\]: 250 prompt tokens"),
     ([[5, 6]], SamplingParams(n=100), "n: 100 samples exceed max_num_seqs"),
@@ -164,3 +164,37 @@ def test_stats_count_tokens(llm):
     llm.generate(ragged_prompts(2, llm.model.config.vocab_size), SamplingParams(max_new_tokens=5, ignore_eos=True),
                  progress=False)
     assert llm.stats.generated_tokens - before == 10
+
+
+def test_prompts_come_as_any_sequence_of_texts_or_ids(llm):
+    """A tuple of texts, a numpy array or tensor of ids: the same requests as lists; a float id, a
+    non-prompt or an empty sequence is refused naming the prompt."""
+    import numpy as np
+
+    params = SamplingParams(temperature=0, max_new_tokens=4)
+    ids = [[5, 17, 33], [7, 8, 9]]
+    want = [o.samples[0].token_ids for o in llm.generate(ids, params, progress=False)]
+    for prompts in (tuple(ids), np.array(ids), torch.tensor(ids), [np.array(p) for p in ids]):
+        assert [o.samples[0].token_ids for o in llm.generate(prompts, params, progress=False)] == want
+    texts = [o.samples[0].token_ids for o in llm.generate(["hi", "the fox"], params, progress=False)]
+    assert [o.samples[0].token_ids for o in llm.generate(("hi", "the fox"), params, progress=False)] == texts
+    with pytest.raises(ValueError, match=r"^prompts\[0\]: token ids must be integers, got 1.7"):
+        llm.generate([[1.7, 2.2]], params, progress=False)
+    with pytest.raises(ValueError, match=r"^prompts: empty"):
+        llm.generate((), params, progress=False)
+    with pytest.raises(ValueError, match=r"^prompts: expected text, token ids"):
+        llm.generate(42, params, progress=False)
+
+
+def test_a_drafter_that_cannot_be_loaded_is_named_a_drafter(llm):
+    with pytest.raises(ValueError, match=r"^drafter: 'no/such/head' is neither an existing path"):
+        LLM(llm.model, tokenizer=llm.tokenizer, drafter="no/such/head", speculative=2)
+
+
+@pytest.mark.parametrize("device, message", [("bogus", "is not a device"), ("cuda", "no usable GPU"),
+                                             ("meta", "is not a device")])
+def test_a_bad_device_is_refused_before_anything_loads(device, message):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ValueError, match=rf"^device: '{device}' .*{message}"):
+        LLM("no-such-model-is-ever-loaded", device=device)

@@ -100,8 +100,12 @@ def test_a_saved_config_loads_back_the_same(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["smollm2-arith.yaml", "smollm2-gsm8k.yaml"])
-def test_the_shipped_configs_load(name):
+def test_the_shipped_configs_load(name, tmp_path, monkeypatch):
+    import json
     from pathlib import Path
 
+    data = tmp_path / "gsm8k.jsonl"  # the GSM8K config reads its file (from $RESPEC_GSM8K) before any model
+    data.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"#### {i}"}) + "\n" for i in range(300)))
+    monkeypatch.setenv("RESPEC_GSM8K", str(data))
     config = load_config(Path(__file__).resolve().parents[2] / "configs" / name)
     assert config.rollout.speculative == "adaptive" and config.rollout.max_k == 4

@@ -127,11 +127,16 @@ def test_incomplete_checkpoints_are_ignored_and_keep_last_prunes_after_saving(ti
     partial = tmp_path / "checkpoints" / "step-000004"
     (partial / "actor").mkdir(parents=True)
     assert latest_checkpoint(tmp_path).name == "step-000003"
-    assert make_trainer(tiny_llama, tmp_path, "steps=3", resume=True).step == 3
+    resumed = make_trainer(tiny_llama, tmp_path, "steps=4", resume=True)
+    assert resumed.step == 3
+    resumed.close()
 
 
 def test_resume_without_a_checkpoint_fails_clearly(tiny_llama, tmp_path):
-    with pytest.raises(ValueError, match="no complete checkpoint"):
+    with pytest.raises(ValueError, match="holds no run to resume"):
+        make_trainer(tiny_llama, tmp_path, resume=True)
+    make_trainer(tiny_llama, tmp_path, "steps=1", "checkpoint_every=0").close()  # config, no checkpoint
+    with pytest.raises(ValueError, match="no sound complete checkpoint"):
         make_trainer(tiny_llama, tmp_path, resume=True)
 
 

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 from ..data.tasks import load_questions
-from ..engine.controller import ControllerConfig
 from ..engine.cost_model import CostModel
 from ..engine.drafters import make_drafters
 from ..engine.llm import LLM
 from ..engine.params import SamplingParams
+from ..engine.speculation import ControllerConfig
 from ..engine.stats import summarize_trace
 from .common import run_header, timed_fresh_generate
 from .headroom import rate_needed, speculation_headroom

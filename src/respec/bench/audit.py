@@ -6,13 +6,16 @@ Three checks, each with its measured figure:
    processed distribution (chi-square goodness of fit, rare cells pooled until the pool expects >= 5).
 2. greedy: speculative greedy output equals plain greedy output token for token.
 3. logprobs: logprobs returned with speculative samples equal a teacher-forced recompute.
-With ``negative_control`` the distribution check is repeated with a verifier that accepts every draft;
-it must fail, which shows the test has the power to catch a biased sampler.
+The distribution check is repeated with a verifier that accepts every draft (the negative control);
+it must fail, which shows the test has the power to catch a biased sampler. A check on too little
+evidence (fewer than ``MIN_DOF`` degrees of freedom after pooling) fails, and a control that goes
+undetected fails the audit with the number of samples it would take.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
@@ -23,6 +26,8 @@ from ..engine.params import SamplingParams
 from ..engine.sampling import RowParams, processed_logprobs, uniform_row_params
 
 P_VALUE_THRESHOLD = 1e-3
+MIN_DOF = 5  # below this a distribution check has seen too few distinct outcomes to mean anything
+POWER = 0.9  # the chance with which the needed sample count detects the control's bias
 
 
 @dataclass
@@ -30,6 +35,9 @@ class AuditCheck:
     name: str
     passed: bool
     figure: str
+    chi2: float | None = None  # distribution checks: the statistic, its degrees of freedom, the samples
+    dof: int = 0
+    samples: int = 0
 
 
 def chi_square_p_value(observed: torch.Tensor, expected: torch.Tensor) -> tuple[float, int]:
@@ -100,9 +108,12 @@ def distribution_check(llm: LLM, prompt: list[int], params: SamplingParams, samp
             chi2, dof = chi_square_p_value(observed, p * count)
             chi2_total, dof_total = chi2_total + chi2, dof_total + dof
     value = p_value(chi2_total, dof_total)
-    return AuditCheck("distribution", value > P_VALUE_THRESHOLD,
-                      f"chi2 {chi2_total:.1f} on {dof_total} dof, p = {value:.3g} (pass > {P_VALUE_THRESHOLD:g}); "
-                      f"{len(tokens)} samples")
+    figure = (f"chi2 {chi2_total:.1f} on {dof_total} dof, p = {value:.3g} (pass > {P_VALUE_THRESHOLD:g}); "
+              f"{len(tokens)} samples")
+    if dof_total < MIN_DOF:
+        figure = f"too little evidence: {figure} (needs >= {MIN_DOF} dof after pooling; raise --samples)"
+    return AuditCheck("distribution", value > P_VALUE_THRESHOLD and dof_total >= MIN_DOF, figure, chi2_total,
+                      dof_total, len(tokens))
 
 
 def greedy_check(llm: LLM, prompts: list[list[int]], max_new_tokens: int) -> AuditCheck:
@@ -151,7 +162,9 @@ def always_accept(llm: LLM):
 
 
 def run_audit(llm: LLM, prompts: list[list[int]], params: SamplingParams, samples: int = 4000,
-              max_new_tokens: int = 48, negative_control: bool = False) -> list[AuditCheck]:
+              max_new_tokens: int = 48, negative_control: bool = True) -> list[AuditCheck]:
+    if not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples: must be an integer >= 1, got {samples!r}")
     if llm.engine.draft_tokens == 0:
         raise ValueError("drafter: the audit needs a speculative LLM (pass --drafter)")
     if params.greedy:
@@ -162,8 +175,50 @@ def run_audit(llm: LLM, prompts: list[list[int]], params: SamplingParams, sample
     if negative_control:
         with always_accept(llm):
             broken = distribution_check(llm, prompts[0], params, samples)
-        checks.append(AuditCheck("negative control (always-accept must fail)", not broken.passed, broken.figure))
+        checks.append(control_check(broken))
     return checks
+
+
+def control_check(broken: AuditCheck) -> AuditCheck:
+    """The negative control passes when the always-accept sampler's distribution check fails on enough
+    evidence; otherwise the audit cannot tell such a bias at this sample count, and says what would."""
+    name = "negative control (always-accept must fail)"
+    detected = broken.chi2 is not None and p_value(broken.chi2, broken.dof) <= P_VALUE_THRESHOLD \
+        and broken.dof >= MIN_DOF
+    if detected:
+        return AuditCheck(name, True, broken.figure, broken.chi2, broken.dof, broken.samples)
+    needed = samples_needed(broken.samples, broken.chi2 or 0.0, broken.dof)
+    advice = f"about {needed} samples would detect it" if needed else "more samples (no bias measurable yet)"
+    return AuditCheck(name, False, f"not detected, so the audit has no power here: {broken.figure}; {advice}",
+                      broken.chi2, broken.dof, broken.samples)
+
+
+def critical_value(dof: int, threshold: float = P_VALUE_THRESHOLD) -> float:
+    """The chi-square statistic on ``dof`` degrees of freedom whose p-value is ``threshold``."""
+    low, high = 0.0, 10.0 * dof + 100.0
+    for _ in range(100):
+        middle = (low + high) / 2
+        low, high = (middle, high) if p_value(middle, dof) > threshold else (low, middle)
+    return high
+
+
+def samples_needed(samples: int, chi2: float, dof: int, threshold: float = P_VALUE_THRESHOLD,
+                   power: float = POWER) -> int | None:
+    """Samples at which a bias that gave ``chi2`` on ``dof`` with ``samples`` samples would be detected
+    with probability ``power``: its noncentrality chi2 - dof grows with the samples, and the normal
+    approximation of the noncentral chi-square says how far it must grow. None: no bias measured."""
+    dof = max(dof, MIN_DOF)
+    observed = chi2 - dof
+    if observed <= 0 or samples <= 0:
+        return None
+    critical, z = critical_value(dof, threshold), float(torch.special.ndtri(torch.tensor(power, dtype=torch.float64)))
+    low, high = 0.0, 1e12
+    for _ in range(200):
+        middle = (low + high) / 2
+        enough = dof + middle - z * math.sqrt(2 * (dof + 2 * middle)) >= critical
+        low, high = (low, middle) if enough else (middle, high)
+    return math.ceil(samples * high / observed)
+
 
 
 def format_audit(checks: list[AuditCheck]) -> str:

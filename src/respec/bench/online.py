@@ -62,7 +62,7 @@ def run_online_bench(config_path: str | None, drafter: str, arms: list[str], ste
         if arm == "a2":
             config.seed += 1
         print(f"--- arm {arm}: {label}", flush=True)
-        trainer = Trainer(config)
+        trainer = Trainer(config, overwrite=True)  # an earlier bench's arm is moved aside, not mixed in
         rows = []
         try:
             for _ in range(steps):

@@ -70,7 +70,7 @@ def arithmetic_problems(count: int, seed: int, levels: tuple[int, ...] = (1, 2, 
 
 def read_jsonl(path: str | Path, fields: tuple[str, ...]) -> list[tuple[int, dict]]:
     """(line number, object) of each row of a JSONL file (blank lines skipped), each checked to hold
-    ``fields``."""
+    ``fields`` as non-empty text."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"data: {path} does not exist")
@@ -82,13 +82,20 @@ def read_jsonl(path: str | Path, fields: tuple[str, ...]) -> list[tuple[int, dic
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"data: {path} line {number} is not JSON: {err}") from err
-        missing = [name for name in fields if not isinstance(record, dict) or name not in record]
-        if missing:
-            raise ValueError(f"data: {path} line {number} needs {' and '.join(repr(f) for f in fields)} fields")
+        if not isinstance(record, dict) or any(name not in record for name in fields):
+            raise ValueError(f"data: {path} line {number} needs {' and '.join(repr(f) for f in fields)} fields, "
+                             f"got {_clip(line)}")
+        for name in fields:
+            if not isinstance(record[name], str) or not record[name].strip():
+                raise ValueError(f"data: {path} line {number}: {name!r} must be non-empty text, got {record[name]!r}")
         records.append((number, record))
     if not records:
         raise ValueError(f"data: {path} holds no rows")
     return records
+
+
+def _clip(text: str, width: int = 60) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def gsm8k_problems(path: str | Path) -> list[Problem]:
@@ -130,7 +137,7 @@ def load_task(name: str, num_train: int, num_eval: int, seed: int, path: str | N
     if name == "gsm8k":
         path = path or gsm8k_path()
         if path is None:
-            raise ValueError(f"task.path: the gsm8k task needs a JSONL file (set task.path or ${GSM8K_ENV})")
+            raise ValueError(f"data: the gsm8k task needs a GSM8K-format JSONL file (task.path, or ${GSM8K_ENV})")
         problems = gsm8k_problems(path)
         random.Random(seed).shuffle(problems)
         if num_train + num_eval > len(problems):

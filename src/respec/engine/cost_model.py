@@ -1,9 +1,7 @@
 """What a decode step costs: a start-up profile of the target, refined online from measured steps.
 
-The target's time for a forward over ``tokens`` new positions in each of ``batch`` rows is profiled
-once on a grid (batch 1, 2, 4, ... x tokens 1 .. K+1) and cached on disk per model, device, dtype and
-thread count, and on CPU per CPU model and kernels in use (kernel set, tuned table, compiled build),
-since a faster kernel makes the old timings wrong. Each step's measured time then corrects the grid
+The target's time for a forward over ``tokens`` new positions in each of ``batch`` rows comes from a
+start-up profile on a grid (batch 1, 2, 4, ... x tokens 1 .. K+1; profile.py). Each step's measured time then corrects the grid
 entry it fell on (an exponentially weighted ratio measured / profiled; at first a mean with the
 prior), which also absorbs
 what the profile leaves out (sampling, verification, book-keeping). An entry not measured yet borrows
@@ -14,37 +12,16 @@ every size. A drafter's time per draft step is learned online only, per batch bu
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import time
-from pathlib import Path
 
 import numpy as np
-import torch
 
-from ..models import native
 from ..models.decoder import DecoderLM
-from ..models.kernel_tuning import machine_key
-from ..models.linear import kernel_choices
-from ..utils.atomic import write_text_atomic
-from ..utils.paths import cache_dir as default_cache_dir
-from .cache import KVCache
+from .profile import profile_table
 
 # Once a grid cell has a few measurements, one step counts as at most this factor off its estimate:
 # a stall of 2x would otherwise shift an arm's predicted time by a fifth and flip the choice.
 SPIKE = 1.25
-PROFILE_CONTEXT = 192  # cached positions each profiled row attends to: a typical mid-rollout length
-
-
-def batch_grid(max_batch: int) -> list[int]:
-    """1, 2, 4, ... up to and including ``max_batch``."""
-    grid = [1]
-    while grid[-1] * 2 < max_batch:
-        grid.append(grid[-1] * 2)
-    if grid[-1] != max_batch:
-        grid.append(max_batch)
-    return grid
 
 
 class CostModel:
@@ -159,58 +136,7 @@ class CostModel:
     # ---------------------------------------------------------------- profile
     @classmethod
     def profile(cls, model: DecoderLM, max_batch: int, max_tokens: int, *, cache_dir: str | os.PathLike | None = None,
-                repeats: int = 2, decay: float = 0.8) -> CostModel:
-        """Time the target on the grid, or load the timings cached for this model, device and dtype."""
-        batches = batch_grid(max_batch)
-        path = _cache_path(model, batches, max_tokens, cache_dir)
-        if path is not None and path.is_file():
-            data = json.loads(path.read_text())
-            return cls(data["batches"], dominated_minimum(np.asarray(data["table"])), decay)
-        table = dominated_minimum(_time_grid(model, batches, max_tokens, repeats))
-        if path is not None:
-            write_text_atomic(path, json.dumps({"batches": batches, "table": table.tolist()}))
+                decay: float = 0.8, progress: bool = True) -> CostModel:
+        """The target's step times on the grid (``profile.profile_table``: timed once, then cached)."""
+        batches, table = profile_table(model, max_batch, max_tokens, cache_dir=cache_dir, progress=progress)
         return cls(batches, table, decay)
-
-
-def dominated_minimum(table: np.ndarray) -> np.ndarray:
-    """Each cell becomes the minimum over the cells with at least as much work (same or larger batch
-    and tokens). A step never gets cheaper with more work, while a shared machine only ever makes a
-    timing slower: a cell slower than a larger one is an interrupted measurement."""
-    out = np.asarray(table, dtype=np.float64).copy()
-    out = np.minimum.accumulate(out[::-1], axis=0)[::-1]
-    return np.minimum.accumulate(out[:, ::-1], axis=1)[:, ::-1]
-
-
-@torch.inference_mode()
-def _time_grid(model: DecoderLM, batches: list[int], max_tokens: int, repeats: int) -> np.ndarray:
-    context = min(PROFILE_CONTEXT, model.config.max_position_embeddings - max_tokens)
-    cache = KVCache(model.config, batches[-1], context + max_tokens, model.dtype, model.device)
-    table = np.zeros((len(batches), max_tokens))
-    for i, batch in enumerate(batches):
-        for tokens in range(1, max_tokens + 1):
-            ids = torch.randint(model.config.vocab_size, (batch, tokens), device=model.device)
-            positions = (context + torch.arange(tokens, device=model.device)).expand(batch, tokens)
-            best = float("inf")
-            for _ in range(repeats + 1):  # the first run warms up
-                start = time.perf_counter()
-                out = model(ids, positions, cache=cache, rows=slice(0, batch), kv_len=context + tokens)
-                model.logits(out.hidden).argmax(-1).cpu()
-                best = min(best, time.perf_counter() - start)
-            table[i, tokens - 1] = best
-    return table
-
-
-def _cache_path(model: DecoderLM, batches: list[int], max_tokens: int,
-                cache_dir: str | os.PathLike | None) -> Path | None:
-    if cache_dir is None:
-        cache_dir = default_cache_dir()
-    if str(cache_dir) == "":
-        return None
-    device = model.device
-    if device.type == "cuda":
-        device_name = torch.cuda.get_device_name(device)
-    else:  # the CPU, its threads and the kernels the step runs (a new kernel or table makes timings stale)
-        choices = sorted(f"{shape}:{kernel}" for shape, kernel in kernel_choices().items())
-        device_name = f"{machine_key(model.dtype)}|{native.build_tag()}|{choices}"
-    key = json.dumps([repr(model.config), str(model.dtype), device_name, batches, max_tokens, PROFILE_CONTEXT])
-    return Path(cache_dir) / "profiles" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"

@@ -21,12 +21,13 @@ from tqdm.auto import tqdm
 from ..models.decoder import DecoderLM
 from ..models.kernel_tuning import tune_linear_kernels
 from .cache import KVCache
-from .controller import OFF, Arm, ControllerConfig, make_controller
+from .controller import OFF, Arm, make_controller
 from .drafters.base import Drafter, TargetTrace, check_vocab
 from .params import SamplingParams
 from .rng import random_seed, uniforms
 from .sampling import sample
 from .slots import Sequence, SlotTable
+from .speculation import ControllerConfig
 from .speculative import speculative_step
 from .stats import GenerationStats
 from .transfer import to_device

@@ -8,16 +8,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..models.decoder import DecoderLM
 from ..models.loading import load_model
 from ..models.presets import DEFAULT_MODEL
-from .controller import ControllerConfig
+from .device import parse_device, parse_dtype
 from .drafters import Drafter, make_drafters
 from .engine import DEFAULT_KV_CACHE_BYTES, Engine, Request
 from .params import SamplingParams
 from .slots import Sequence
+from .speculation import ControllerConfig
 from .stats import GenerationStats
 
 Prompt = str | list[int] | list[dict[str, str]]
@@ -40,14 +42,6 @@ class RequestOutput:
     prompt: str | None
     prompt_token_ids: list[int]
     samples: list[Sample]
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 class LLM:
@@ -75,8 +69,8 @@ class LLM:
         model, a Drafter). ``speculative``: None or "off" (plain decoding; None with one drafter: k = 4),
         an int k (one drafter, k drafts every step), or "adaptive" / a ControllerConfig to let the
         controller pick off or (drafter, k) every step."""
-        device = torch.device(device) if device is not None else default_device()
-        dtype = _parse_dtype(dtype) if dtype is not None else default_dtype(device)
+        device = parse_device(device)
+        dtype = parse_dtype(dtype, device)
         if isinstance(model, DecoderLM):
             if tokenizer is None:
                 raise ValueError("tokenizer: required when passing a model object")
@@ -112,6 +106,9 @@ class LLM:
             return self.tokenizer.encode(prompt, add_special_tokens=True)
         if isinstance(prompt, SequenceABC) and prompt and isinstance(prompt[0], dict):
             return self._chat_ids(list(prompt))
+        bad = next((t for t in prompt if not isinstance(t, (int, np.integer)) or isinstance(t, bool)), None)
+        if bad is not None:
+            raise ValueError(f"prompts: token ids must be integers, got {bad!r}")
         return [int(t) for t in prompt]
 
     def _chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
@@ -129,10 +126,7 @@ class LLM:
         progress: bool = True,
     ) -> list[RequestOutput]:
         """One ``RequestOutput`` per prompt, each with ``n`` samples."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        if not isinstance(prompts, list) or not prompts:
-            raise ValueError("prompts: empty list; give at least one prompt")
+        prompts = _prompt_list(prompts)
         params = sampling_params if sampling_params is not None else SamplingParams()
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
@@ -142,7 +136,10 @@ class LLM:
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             if isinstance(prompt, str) and not prompt:
                 raise ValueError(f"prompts[{i}]: empty prompt")
-            requests.append(Request(self.encode(prompt, chat), p))
+            try:
+                requests.append(Request(self.encode(prompt, chat), p))
+            except ValueError as err:
+                raise ValueError(str(err).replace("prompts:", f"prompts[{i}]:", 1)) from None
         results = self.engine.generate(requests, progress=progress)
         return [RequestOutput(prompt if isinstance(prompt, str) else None, request.prompt_ids,
                               [self._sample(seq) for seq in seqs])
@@ -158,14 +155,24 @@ class LLM:
                       finish_reason=seq.finish_reason or "length")
 
 
-def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in table:
-        raise ValueError(f"dtype: unsupported {dtype!r}; use one of {', '.join(table)}")
-    return table[dtype]
+def _prompt_list(prompts: Any) -> list:
+    """One prompt (text, token ids, chat messages) or a sequence of them, as a list of prompts; arrays
+    and tensors of ids become lists."""
+    if hasattr(prompts, "tolist") and not isinstance(prompts, str):
+        prompts = prompts.tolist()
+    if isinstance(prompts, str) or _is_single(prompts):
+        return [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise ValueError(f"prompts: expected text, token ids, chat messages or a list of them, "
+                         f"got {type(prompts).__name__}")
+    if not prompts:
+        raise ValueError("prompts: empty; give at least one prompt")
+    return [p.tolist() if hasattr(p, "tolist") and not isinstance(p, str) else p for p in prompts]
+
+
+def _is_single(prompt: Any) -> bool:
+    """A list of token ids or of chat messages (rather than a list of prompts)."""
+    return isinstance(prompt, (list, tuple)) and bool(prompt) and isinstance(prompt[0], (int, float, dict, np.number))
 
 
 def _load_tokenizer(source: Any):

@@ -33,8 +33,6 @@ from .stats import SpecStats
 from .transfer import to_device
 from .verify import verify_drafts
 
-MAX_DRAFT_TOKENS = 32
-
 
 @dataclass
 class StepResult:

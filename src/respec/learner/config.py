@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 
 from ..data.tasks import TASK_NAMES
 from ..utils.configs import require
-from .losses import DIVERGENCES, REWARD_WEIGHTS
 
 LEARNER_MODES = ("off", "sync", "async", "triggered")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tv")
+REWARD_WEIGHTS = ("none", "reward", "normalized", "positive_advantage")
 
 
 @dataclass

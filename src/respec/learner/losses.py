@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import torch
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tv")
-REWARD_WEIGHTS = ("none", "reward", "normalized", "positive_advantage")
+from .config import DIVERGENCES, REWARD_WEIGHTS
 
 
 def _plogq(p: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:

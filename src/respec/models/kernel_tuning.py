@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterable
@@ -81,6 +82,9 @@ def tune_linear_kernels(modules: Iterable[nn.Module], cache_file: Path | None = 
         for rows in ROW_BUCKETS:
             untimed = {shape: weights for shape, weights in by_shape.items()
                        if entries[shape].get(_name(shape, rows)) not in eligible_kernels(*shape[:2], rows)}
+            if untimed and not changed:
+                print(f"timing the CPU's small-batch matmul kernels on the model's weights, once for this machine "
+                      f"(saved in {cache_file})", file=sys.stderr, flush=True)
             for shape, kernel in (fastest_kernels(untimed, rows) if untimed else {}).items():
                 entries[shape][_name(shape, rows)] = kernel
                 changed = True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,10 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
                          f"(presets: {', '.join(sorted(PRESETS))})")
     target = converted_dir(key)
     if not ((target / "model.safetensors").is_file() and (target / "config.json").is_file()):
-        _convert_gguf(preset_gguf_path(key), target)
+        gguf = preset_gguf_path(key)
+        print(f"converting the preset {key} from {gguf.name} into {target}, once (dequantizing takes ~15 s)",
+              file=sys.stderr, flush=True)
+        _convert_gguf(gguf, target)
     return target
 
 

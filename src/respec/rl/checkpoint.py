@@ -2,18 +2,22 @@
 
 ``RUN/checkpoints/step-000010/`` holds ``actor/`` (HF format: opens with transformers), ``drafter/``
 (an EAGLE head, when the run trains one), ``trainer_state.pt`` (optimizer, scheduler, RNG states, data
-position, controller) and ``COMPLETE``. Everything is written into a hidden staging directory that is
-renamed into place only when whole, and ``COMPLETE`` is its last file: the policy and the drafter are
-committed as one step. Resume takes the newest step with ``COMPLETE``. Older checkpoints beyond
-``keep_last`` are deleted only after the new one is in place.
+position, learner) and ``COMPLETE``. Everything is written into a hidden staging directory that is
+renamed into place only when whole: the weights are checked finite before anything is written, the
+files are checked present and the actor's tensors readable with the shapes saved, and ``COMPLETE`` is
+written last with every file's size. A resume takes the newest checkpoint whose files all match
+``COMPLETE`` and falls back past a damaged one; older checkpoints beyond ``keep_last`` are deleted
+only after the new one is in place, and a run removes only its own staging directories.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,8 @@ from ..models.loading import save_pretrained
 
 PREFIX = "step-"
 MARKER = "COMPLETE"
+STATE = "trainer_state.pt"
+REQUIRED = ("actor/config.json", "actor/model.safetensors", STATE)
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -41,32 +47,96 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
+def non_finite_tensors(module: torch.nn.Module) -> list[str]:
+    return [name for name, tensor in module.state_dict().items()
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+
+
 def save_checkpoint(run_dir: str | Path, step: int, actor: DecoderLM, state: dict[str, Any],
-                    tokenizer: Any = None, drafter: Any = None, keep_last: int = 2) -> Path:
-    """Write step ``step`` atomically, then prune all but the newest ``keep_last`` complete ones."""
+                    tokenizer: Any = None, drafter: Any = None, keep_last: int = 2, owner: str = "") -> Path:
+    """Write step ``step`` atomically, then prune all but the newest ``keep_last`` complete ones.
+    ``owner`` (the run's id) names the staging directory, so pruning touches only this run's."""
+    bad = non_finite_tensors(actor)
+    if bad:
+        raise ValueError(f"checkpoint: step {step} not saved, the actor's {bad[0]} holds NaN or inf "
+                         f"({len(bad)} tensors); the last complete checkpoint stays the newest")
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:06d}"
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(final.name, owner), dir=root))
     try:
         save_pretrained(actor, staging / "actor", tokenizer=tokenizer)
         if drafter is not None:
             drafter.save_pretrained(staging / "drafter")
-        torch.save(state, staging / "trainer_state.pt")
+        torch.save(state, staging / STATE)
+        _check_written(staging)
         _fsync_tree(staging)
-        (staging / MARKER).write_text(str(step))
+        sizes = {str(f.relative_to(staging)): f.stat().st_size for f in sorted(staging.rglob("*")) if f.is_file()}
+        (staging / MARKER).write_text(json.dumps({"step": step, "files": sizes}, indent=1))
         if final.exists():  # a re-run of the same step after a resume: replace it
             shutil.rmtree(final)
         staging.rename(final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    prune(root, keep_last)
+    prune(root, keep_last, owner)
     return final
 
 
+def _staging_prefix(name: str, owner: str) -> str:
+    return f".{name}.{owner}." if owner else f".{name}."
+
+
+def _check_written(staging: Path) -> None:
+    """Every required file is there and the actor's safetensors is whole."""
+    missing = [name for name in REQUIRED if not (staging / name).is_file()]
+    if missing:
+        raise ValueError(f"checkpoint: {', '.join(missing)} missing after the save in {staging}")
+    problem = safetensors_problem(staging / "actor" / "model.safetensors")
+    if problem:
+        raise ValueError(f"checkpoint: {problem} after the save")
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file is not whole (None: it is): its header must parse and its tensors' data
+    must end exactly where the file does."""
+    try:
+        with open(path, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(length))
+        end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
+        return f"{path} is unreadable ({err})"
+    size = path.stat().st_size
+    if size != 8 + length + end:
+        return f"{path} has {size} bytes, its header describes {8 + length + end}"
+    return None
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint that claims to be complete cannot be loaded (None: it can): a file its
+    ``COMPLETE`` lists is missing or has another size, or a required file is absent."""
+    try:
+        manifest = json.loads((path / MARKER).read_text())
+        files = manifest["files"] if isinstance(manifest, dict) else None
+    except (OSError, ValueError, KeyError):
+        files = None  # an older checkpoint whose marker holds only the step: check the required files
+    for name in REQUIRED:
+        if not (path / name).is_file():
+            return f"{name} is missing"
+    if files is None:
+        return safetensors_problem(path / "actor" / "model.safetensors")
+    for name, size in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} were written"
+    return None
+
+
 def complete_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (half-written ones and staging directories are ignored)."""
+    """Checkpoints with their ``COMPLETE`` marker, oldest first (staging directories are ignored)."""
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
@@ -74,22 +144,58 @@ def complete_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.removeprefix(PREFIX)))
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    found = complete_checkpoints(run_dir)
-    return found[-1] if found else None
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.removeprefix(PREFIX))
+
+
+def latest_checkpoint(run_dir: str | Path, step: int | None = None) -> Path | None:
+    """The newest sound checkpoint (a damaged one is reported and passed over), or the one of ``step``,
+    which must be sound; None when there is none."""
+    candidates = complete_checkpoints(run_dir)
+    if step is not None:
+        chosen = [p for p in candidates if checkpoint_step(p) == step]
+        if not chosen:
+            steps = [checkpoint_step(p) for p in candidates]
+            raise ValueError(f"resume_from: no complete checkpoint of step {step} in {checkpoint_dir(run_dir)} "
+                             f"(complete: {steps or 'none'})")
+        problem = checkpoint_problem(chosen[0])
+        if problem:
+            raise ValueError(f"resume_from: checkpoint {chosen[0]} is damaged: {problem}")
+        return chosen[0]
+    for path in reversed(candidates):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        warnings.warn(f"checkpoint {path} is damaged ({problem}); falling back to an earlier one",
+                      RuntimeWarning, stacklevel=2)
+    return None
 
 
 def load_trainer_state(path: Path) -> dict[str, Any]:
-    return torch.load(path / "trainer_state.pt", weights_only=False)
+    try:
+        return torch.load(path / STATE, weights_only=False)
+    except Exception as err:  # noqa: BLE001 -- any unpickling failure means a damaged file
+        raise ValueError(f"checkpoint: cannot read {path / STATE} ({type(err).__name__}: {err}); "
+                         f"resume from an earlier step with --resume-from") from None
 
 
-def prune(root: Path, keep_last: int) -> None:
+def clear_staging(run_dir: str | Path) -> None:
+    """Remove every staging directory (saves that never finished); only for the holder of the run's lock."""
+    root = checkpoint_dir(run_dir)
+    for leftover in root.glob(f".{PREFIX}*") if root.is_dir() else ():
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def prune(root: Path, keep_last: int, owner: str = "") -> None:
+    """Keep the newest ``keep_last`` complete checkpoints; remove this run's leftover staging directories."""
     complete = complete_checkpoints(root.parent)
     for old in complete[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-    for leftover in root.glob(f".{PREFIX}*"):  # staging directories of crashed saves
-        if leftover.is_dir():
-            shutil.rmtree(leftover, ignore_errors=True)
+    if owner:
+        for leftover in root.glob(f".{PREFIX}*.{owner}.*"):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _fsync_tree(path: Path) -> None:

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import yaml
 
-from ..data.tasks import TASK_NAMES
-from ..engine.controller import ControllerConfig, resolve_speculative
+from ..data.tasks import LEVELS, TASK_NAMES, load_task
+from ..engine.device import check_dtype_name, parse_device
+from ..engine.speculation import ControllerConfig, resolve_speculative
 from ..learner.config import LearnerConfig
 from ..utils.configs import apply_overrides, from_dict, read_yaml_file, require
 from .rewards import REWARDS
@@ -41,6 +42,15 @@ class TaskConfig:
         require(self.switch_at >= 0, f"{prefix}.switch_at", f"must be >= 0, got {self.switch_at}")
         require((self.switch_at > 0) == (self.switch_to is not None), f"{prefix}.switch_at",
                  "switch_at and switch_to go together: give both (a step >= 1 and a task) or neither")
+        if self.name == "arithmetic":
+            bad = [level for level in self.levels if level not in LEVELS]
+            require(bool(self.levels) and not bad, f"{prefix}.levels",
+                    f"must be a non-empty subset of {sorted(LEVELS)}, got {self.levels}")
+        else:  # the file is read now, so a missing file or a bad row fails before the model loads
+            try:
+                load_task(self.name, self.num_train, self.num_eval, 0, self.path, tuple(self.levels))
+            except ValueError as err:
+                raise ValueError(f"{prefix}.path: {err}") from None
         if self.switch_to is not None:
             require(self.switch_to.switch_to is None, f"{prefix}.switch_to.switch_to", "one switch per run")
             self.switch_to.validate(f"{prefix}.switch_to")
@@ -179,6 +189,9 @@ class TrainConfig:
         require(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
         require(self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
         require(self.keep_last >= 1, "keep_last", f"must be >= 1, got {self.keep_last}")
+        check_dtype_name(self.dtype)
+        if self.device is not None:  # this machine can run it: checked before anything loads
+            parse_device(self.device)
         for section in (self.task, self.rollout, self.reward, self.optim, self.learner):
             section.validate()
         self._check_learner()

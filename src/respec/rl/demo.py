@@ -26,7 +26,9 @@ def run_demo(model: str = "smollm2-135m", extra: list[str] | None = None) -> int
     print(f"GRPO on {config.model}: {config.steps} steps x {config.rollout.prompts_per_step} prompts x "
           f"{config.rollout.group_size} samples, speculative rollouts ({config.rollout.speculative}, "
           f"drafters {config.rollout.drafters}), eval on {config.task.num_eval} held-out problems", flush=True)
-    trainer = Trainer(config)
+    trainer = Trainer(config, overwrite=True)  # each demo is a new run; an earlier one is moved aside
+    if trainer.directory.moved_aside is not None:
+        print(f"(the previous demo run is now in {trainer.directory.moved_aside})", flush=True)
     summary = trainer.train()
     rows = read_metrics(config.out_dir)
     report = make_report(config.out_dir)

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
+
+from ..utils.atomic import write_text_atomic
 
 
 class MetricsWriter:
@@ -26,12 +29,12 @@ class MetricsWriter:
             self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
     def _truncate_after(self, step: int) -> None:
-        """On resume, drop lines of steps the checkpoint does not cover (they will be run again)."""
+        """On resume, drop lines of steps the checkpoint does not cover (they will be run again) and a
+        line torn by a run killed mid-write."""
         if not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        rows = read_rows(self.path)
+        write_text_atomic(self.path, "".join(json.dumps(row) + "\n" for row in rows if row.get("step", 0) <= step))
 
     def log(self, step: int, values: dict[str, float]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
@@ -52,4 +55,27 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise ValueError(f"run: {path} not found; is {run_dir} a run directory?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_rows(path)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a metrics file. A torn last line (the run was killed while writing it) is left out
+    with a warning naming the file and line; a bad line before the last is an error naming them."""
+    lines = path.read_text().splitlines()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    rows = []
+    for index, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError(f"a {type(row).__name__}, not an object")
+        except ValueError as err:
+            if index == last:
+                warnings.warn(f"metrics: {path} line {index + 1} is torn (the run stopped while writing it); "
+                              f"left out", RuntimeWarning, stacklevel=3)
+                continue
+            raise ValueError(f"metrics: {path} line {index + 1} is not a JSON object ({err})") from None
+        rows.append(row)
+    return rows

@@ -23,6 +23,8 @@ from ..engine.llm import LLM
 from ..engine.params import SamplingParams
 from ..models.loading import load_weights
 from .checkpoint import (
+    checkpoint_step,
+    clear_staging,
     latest_checkpoint,
     load_trainer_state,
     rng_state,
@@ -34,6 +36,7 @@ from .grpo import group_advantages
 from .learner_hooks import make_online_learner, skipped_rows_filter
 from .metrics import MetricsWriter
 from .rewards import RewardFn, combine, correctness_reward
+from .rundir import RunDirectory
 from .update import Capture, UpdateBatch, grpo_update
 
 
@@ -58,12 +61,30 @@ def make_llm(config: TrainConfig) -> LLM:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, *, resume: bool = False, llm: LLM | None = None,
+    def __init__(self, config: TrainConfig, *, resume: bool = False, resume_from: int | None = None,
+                 overwrite: bool = False, allow_config_change: bool = False, llm: LLM | None = None,
                  reward_fn: RewardFn | None = None) -> None:
-        """``reward_fn`` replaces the configured rewards (custom tasks, tests)."""
+        """``resume``: continue the run in ``config.out_dir`` from its newest sound checkpoint (or the
+        one of step ``resume_from``); ``overwrite``: move a run already there aside and start anew;
+        ``allow_config_change``: resume although the config differs from the run's (see ``rundir``).
+        ``reward_fn`` replaces the configured rewards (custom tasks, tests). The directory, the
+        checkpoint and the steps are checked before the model loads."""
         self.config = config.validate()
-        torch.manual_seed(config.seed)
         self.run_dir = Path(config.out_dir)
+        resume = resume or resume_from is not None
+        self.directory = RunDirectory(self.run_dir).open(config.to_dict(), resume=resume, overwrite=overwrite,
+                                                         allow_config_change=allow_config_change)
+        try:
+            self._start(config, resume, resume_from, llm, reward_fn)
+        except BaseException:
+            self.directory.close()
+            raise
+
+    def _start(self, config: TrainConfig, resume: bool, resume_from: int | None, llm: LLM | None,
+               reward_fn: RewardFn | None) -> None:
+        checkpoint = self._checkpoint_to_resume(resume_from) if resume else None
+        clear_staging(self.run_dir)  # saves that never finished: with the lock held, nobody owns them
+        torch.manual_seed(config.seed)
         self.llm = llm or make_llm(config)
         self.actor = self.llm.model
         self.actor.requires_grad_(True)
@@ -85,9 +106,8 @@ class Trainer:
         self.ar_llm: LLM | None = None  # for paired AR timings (compare_ar)
         self.learner, self.learner_worker = make_online_learner(config, self.llm)
         self.ledger = {"drafter_train_s": 0.0, "rollout_saved_s": 0.0, "speedup": None}
-        if resume:
-            self._resume()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if checkpoint is not None:
+            self._resume(checkpoint)
         save_config(config, self.run_dir / "config.yaml")
         self.metrics = MetricsWriter(self.run_dir, config.tensorboard, resume_after=self.step if resume else 0)
 
@@ -149,14 +169,23 @@ class Trainer:
         texts = [s.text for s in samples]
         gold = [p.answer for p in problems for _ in range(group)]
         rewards = torch.tensor(self.reward_fn(texts, gold), dtype=torch.float32)
+        if not bool(torch.isfinite(rewards).all()):
+            bad = int((~torch.isfinite(rewards)).nonzero()[0])
+            raise ValueError(f"step {self.step + 1}: the reward of sample {bad} is {float(rewards[bad])}; rewards "
+                             f"must be finite (the run stopped; its newest checkpoint is the last good one)")
         advantages = group_advantages(rewards, group, self.config.optim.advantage_scale)
         reward_s = time.perf_counter() - t0
         rollout = Rollout(problems, [o.prompt_token_ids for o in outputs for _ in o.samples],
                           [s.token_ids for s in samples], [s.logprobs for s in samples], texts, rewards,
                           advantages, rollout_s, rollout_stats)
         t0 = time.perf_counter()
-        update = grpo_update(self.actor, self.optimizer, self.scheduler, self.config, _update_batch(rollout),
-                             self.reference, self._capture(rollout))
+        try:
+            update = grpo_update(self.actor, self.optimizer, self.scheduler, self.config, _update_batch(rollout),
+                                 self.reference, self._capture(rollout))
+        except FloatingPointError as err:
+            raise ValueError(f"step {self.step + 1}: {err}. Likely cause: a learning rate too large for this "
+                             f"model (optim.lr = {self.config.optim.lr:g}); the run stopped and its newest "
+                             f"checkpoint is the last good one") from None
         update_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         drafter: dict[str, float] = {}
@@ -232,28 +261,31 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def train(self, progress: bool = True) -> dict[str, float]:
         config, summary = self.config, {}
-        if self.step == 0 and config.eval_every:
-            summary["eval/accuracy_before"] = self._log_eval()
-        bar = tqdm(total=config.steps, initial=self.step, desc="train", disable=not progress)
-        while self.step < config.steps:
-            metrics = self.train_step()
-            self.metrics.log(self.step, metrics)
-            bar.update(1)
-            bar.set_postfix(reward=f"{metrics['train/reward']:.2f}", tau=f"{metrics.get('sd/accept_len', 0):.2f}")
-            last = self.step == config.steps
-            if config.eval_every and (self.step % config.eval_every == 0 or last):
-                summary["eval/accuracy"] = self._log_eval()
-            if (config.checkpoint_every and self.step % config.checkpoint_every == 0) or last:
-                self.save()
-        bar.close()
-        self.close()
+        try:
+            if self.step == 0 and config.eval_every:
+                summary["eval/accuracy_before"] = self._log_eval()
+            bar = tqdm(total=config.steps, initial=self.step, desc="train", disable=not progress)
+            while self.step < config.steps:
+                metrics = self.train_step()
+                self.metrics.log(self.step, metrics)
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics['train/reward']:.2f}", tau=f"{metrics.get('sd/accept_len', 0):.2f}")
+                last = self.step == config.steps
+                if config.eval_every and (self.step % config.eval_every == 0 or last):
+                    summary["eval/accuracy"] = self._log_eval()
+                if (config.checkpoint_every and self.step % config.checkpoint_every == 0) or last:
+                    self.save()
+            bar.close()
+        finally:
+            self.close()
         return summary
 
     def close(self) -> None:
-        """Stop the learner's thread (after its last round) and flush the metrics."""
+        """Stop the learner's thread (after its last round), flush the metrics, release the directory."""
         if self.learner_worker is not None:
             self.learner_worker.close()
         self.metrics.close()
+        self.directory.close()
 
     def _log_eval(self) -> float:
         accuracy = self.evaluate()
@@ -266,19 +298,28 @@ class Trainer:
         if self.learner is not None:
             self.learner_worker.wait_idle()  # a consistent head + optimizer + version
             learner = self.learner.state_dict()
-        return {"learner": learner, "ledger": dict(self.ledger),"step": self.step, "epoch": self.epoch, "position": self.position,
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        return {"learner": learner, "ledger": dict(self.ledger), "step": self.step, "epoch": self.epoch,
+                "position": self.position, "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
                 "rng": rng_state(), "drafters": {n: d.get_state() for n, d in self.llm.drafters.items()},
                 "reference": self.reference.state_dict() if self.reference is not None else None}
 
     def save(self) -> Path:
         return save_checkpoint(self.run_dir, self.step, self.actor, self.state(), tokenizer=self.llm.tokenizer,
-                               keep_last=self.config.keep_last)
+                               keep_last=self.config.keep_last, owner=self.directory.identity["run_id"])
 
-    def _resume(self) -> None:
-        path = latest_checkpoint(self.run_dir)
+    def _checkpoint_to_resume(self, step: int | None) -> Path:
+        """The checkpoint a resume starts from, and a check that it leaves steps to run."""
+        path = latest_checkpoint(self.run_dir, step)
         if path is None:
-            raise ValueError(f"resume: no complete checkpoint under {self.run_dir / 'checkpoints'}")
+            raise ValueError(f"resume: no sound complete checkpoint under {self.run_dir / 'checkpoints'}")
+        done = checkpoint_step(path)
+        if self.config.steps <= done:
+            raise ValueError(f"steps: {self.config.steps}, but the checkpoint to resume ({path.name}) has run "
+                             f"{done} steps already; raise steps to continue")
+        return path
+
+    def _resume(self, path: Path) -> None:
         load_weights(self.actor, path / "actor")
         state = load_trainer_state(path)
         self._enter_stage(state["step"])  # the task of the last step taken: epoch and position are its

@@ -7,6 +7,7 @@ is exactly 1 before the update and the rollout logprobs can serve as the old pol
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -96,7 +97,8 @@ def sequence_logprobs(model: DecoderLM, micro: MicroBatch, config: TrainConfig, 
 
 
 def grpo_update(model: DecoderLM, optimizer: torch.optim.Optimizer, scheduler, config: TrainConfig,
-                batch: UpdateBatch, reference: DecoderLM | None = None, capture: Capture | None = None) -> dict[str, float]:
+                batch: UpdateBatch, reference: DecoderLM | None = None,
+                capture: Capture | None = None) -> dict[str, float]:
     """Accumulate the loss over micro-batches, clip, step. Rows with zero advantage carry no policy
     gradient and are skipped unless a KL term needs them; the token normaliser still counts them.
     ``capture`` hands the forward's features and logits to the online learner."""
@@ -127,10 +129,7 @@ def grpo_update(model: DecoderLM, optimizer: torch.optim.Optimizer, scheduler, c
     if capture is not None and capture.extra_rows is not None:
         forwarded = set(wanted)
         _capture_skipped(model, config, batch, capture, [i for i in range(len(batch.token_ids)) if i not in forwarded])
-    grad_norm = 0.0
-    if wanted:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip))
-    optimizer.step()  # without gradients (no row to learn from) AdamW leaves every parameter as it is
+    grad_norm = _finite_step(model, optimizer, o.grad_clip, sums["loss"], bool(wanted))
     lr = optimizer.param_groups[0]["lr"]
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -141,6 +140,26 @@ def grpo_update(model: DecoderLM, optimizer: torch.optim.Optimizer, scheduler, c
             "train/grad_norm": grad_norm, "train/rows_updated": float(len(wanted)),
             "train/logprob_diff_mean": float(diff.mean()) if diff.numel() else 0.0,
             "train/logprob_diff_max": float(diff.max()) if diff.numel() else 0.0}
+
+
+def _finite_step(model: DecoderLM, optimizer: torch.optim.Optimizer, grad_clip: float, loss: float,
+                 has_gradients: bool) -> float:
+    """Clip and step; raise ``FloatingPointError`` instead of applying a non-finite update, and after a
+    step that left a weight non-finite (the caller must not save those weights). Returns the gradient
+    norm before clipping."""
+    grad_norm = 0.0
+    if has_gradients:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        raise FloatingPointError(f"the loss ({loss}) or the gradient norm ({grad_norm}) is not finite; "
+                                 f"the update was not applied")
+    optimizer.step()  # without gradients (no row to learn from) AdamW leaves every parameter as it is
+    with torch.no_grad():
+        broken = next((name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+    if broken is not None:
+        raise FloatingPointError(f"the update left {broken} with NaN or inf")
+    return grad_norm
 
 
 @torch.no_grad()

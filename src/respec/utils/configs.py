@@ -8,6 +8,7 @@ value deep in a training config reads ``rollout.controller.max_draft_tokens: ...
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -74,13 +75,8 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
             raise ValueError(f"{name}: expected a mapping, got {value!r}")
         _, item = typing.get_args(hint)
         return {str(k): _coerce(v, item, f"{name}.{k}") for k, v in value.items()}
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
+    if hint is float:
+        return _finite_float(value, name)
     if hint in (int, str, bool) and type(value) is hint:
         return value
     raise ValueError(f"{name}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
@@ -99,6 +95,20 @@ def _coerce_union(value: Any, hint: Any, name: str) -> Any:
         except ValueError as err:
             errors.append(str(err))
     raise ValueError(errors[0])
+
+
+def _finite_float(value: Any, name: str) -> float:
+    """A number, or a string YAML 1.1 leaves unparsed ("1e-3" has no dot); never inf or NaN, which no
+    setting means and which would only surface later as NaN weights."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{name}: expected a number, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{name}: expected a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{name}: must be a finite number, got {value!r}")
+    return number
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

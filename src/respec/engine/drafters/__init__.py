@@ -55,7 +55,12 @@ def make_drafter(spec: Drafter | str | os.PathLike, target: DecoderLM, tokenizer
         from transformers import AutoTokenizer
 
         drafter_tokenizer = AutoTokenizer.from_pretrained(text)
-    return DraftModelDrafter.from_pretrained(text, target, tokenizer, drafter_tokenizer)
+    try:
+        return DraftModelDrafter.from_pretrained(text, target, tokenizer, drafter_tokenizer)
+    except ValueError as err:  # the loader speaks of a model; here the model is the drafter
+        message = str(err)
+        raise ValueError(f"drafter: {message.removeprefix('model: ')}" if message.startswith("model: ")
+                         else message) from None
 
 
 def make_drafters(specs: Any, target: DecoderLM, tokenizer: Any = None) -> dict[str, Drafter]:
