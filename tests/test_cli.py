@@ -103,3 +103,10 @@ def test_train_refuses_a_directory_holding_another_run_and_a_missing_file(tiny_l
     assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "nothing-here")]) == 2
+
+
+def test_an_os_error_is_one_line_not_a_traceback(tmp_path, capsys):
+    (tmp_path / "file").write_text("")  # out_dir below a file: creating it raises NotADirectoryError
+    assert main(["train", "rollout.speculative=off", f"out_dir={tmp_path / 'file' / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("respec: error: ") and "Traceback" not in err and err.count("\n") == 1

@@ -64,3 +64,17 @@ def test_the_real_gsm8k_split_loads_when_present():
     assert all(p.answer.lstrip("-").replace(".", "", 1).isdigit() for p in problems)
     train, held_out = load_task("gsm8k", 500, 50, seed=0, path=str(path))
     assert len(train) == 500 and not {p.question for p in train} & {p.question for p in held_out}
+
+
+@pytest.mark.parametrize("row, message", [
+    ("5", "line 2 needs 'question' and 'answer' fields, got 5"),
+    ("[1, 2]", "line 2 needs 'question' and 'answer' fields"),
+    (json.dumps({"question": None, "answer": "#### 3"}), "line 2: 'question' must be non-empty text, got None"),
+    (json.dumps({"question": "  ", "answer": "#### 3"}), "line 2: 'question' must be non-empty text"),
+    ("{not json", "line 2 is not JSON"),
+])
+def test_a_bad_gsm8k_row_is_named_by_file_and_line(tmp_path, row, message):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n" + row + "\n")
+    with pytest.raises(ValueError, match=f"^data: {path} {message}".replace("[", r"\[").replace("(", r"\(")):
+        gsm8k_problems(path)

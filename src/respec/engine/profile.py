@@ -92,7 +92,7 @@ def _time_cells(model: DecoderLM, batches: list[int], token_counts: list[int], p
     cache = KVCache(model.config, batches[-1], context + max_tokens, model.dtype, model.device)
     if progress:
         print(f"profiling the target's step time for the adaptive controller, once for this model and machine: "
-              f"{len(batches) * len(token_counts)} forwards sizes (batch {batches[0]}-{batches[-1]} x "
+              f"{len(batches) * len(token_counts)} forward sizes (batch {batches[0]}-{batches[-1]} x "
               f"{token_counts[0]}-{max_tokens} tokens), the rest interpolated"
               + (f"; cached in {path.parent}" if path is not None else ""), file=sys.stderr, flush=True)
     table = np.zeros((len(batches), len(token_counts)))

@@ -33,7 +33,7 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
     target = converted_dir(key)
     if not ((target / "model.safetensors").is_file() and (target / "config.json").is_file()):
         gguf = preset_gguf_path(key)
-        print(f"converting the preset {key} from {gguf.name} into {target}, once (dequantizing takes ~15 s)",
+        print(f"converting the preset {key} from {gguf.name} into {target}, once (about 20 s)",
               file=sys.stderr, flush=True)
         _convert_gguf(gguf, target)
     return target

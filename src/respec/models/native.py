@@ -20,6 +20,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -167,6 +168,8 @@ def _load() -> ctypes.CDLL | None:
     path = cache_dir() / "native" / f"respec_kernels-{tag}.so"
     try:
         if not path.is_file():
+            print(f"compiling the CPU kernels with {Path(compiler).name}, once for this machine (into {path.parent})",
+                  file=sys.stderr, flush=True)
             _build(command, path)
         lib = ctypes.CDLL(str(path))
         _state["tag"] = tag
