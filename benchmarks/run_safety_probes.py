@@ -54,8 +54,10 @@ class Probe:
 def outcome(code: int, out: str, err: str, seconds: float) -> dict:
     lines = [line for line in err.splitlines() if line.strip()]
     last = next((line for line in reversed(lines) if not line.startswith(("  ", "\r"))), "")
+    warned = [line.split("Warning: ", 1)[1][:200] for line in lines if "Warning: " in line]
     return {"exit": code, "seconds": round(seconds, 2), "traceback": "Traceback" in err,
-            "stderr_last": last[:240], "stdout_last": (out.strip().splitlines() or [""])[-1][:200]}
+            "stderr_last": last[:240], "stdout_last": (out.strip().splitlines() or [""])[-1][:200],
+            "warnings": warned}
 
 
 def checksums(directory: Path) -> dict[str, int]:
@@ -74,10 +76,11 @@ def probes(p: Probe) -> dict[str, dict]:
     first = p.respec("train", *S, "steps=3", "out_dir=B", wait=False)
     time.sleep(12)  # the first run is past its model load and writing
     second = p.respec("train", *S, "steps=3", "seed=2", "out_dir=B")
-    first_out, first_err = first.communicate()
-    second["first run exit"] = first.returncode
-    second["first run's metrics steps"] = [json.loads(line).get("step") for line in
-                                           (p.work / "B" / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    _, first_err = first.communicate()
+    second["first run"] = outcome(first.returncode, "", first_err, 0.0)["stderr_last"] or f"exit {first.returncode}"
+    metrics = p.work / "B" / "metrics.jsonl"
+    second["metrics steps in out_dir"] = [json.loads(line).get("step") for line in metrics.read_text().splitlines()
+                                          if line.strip()] if metrics.is_file() else None
     results["2. two concurrent runs on one out_dir"] = second
 
     for name, override in (("3a. optim.lr=inf", "optim.lr=inf"), ("3b. rollout.temperature=.inf",
@@ -128,9 +131,10 @@ def main() -> None:
     with checkout(args.revision) as src, tempfile.TemporaryDirectory() as work:
         results = probes(Probe(src, Path(work)))
     for name, r in results.items():
-        print(f"{name}\n    exit {r['exit']} after {r['seconds']} s, traceback {r['traceback']}: {r['stderr_last']}"
+        said = r["stderr_last"] if r["stderr_last"] and not r["warnings"] else r["stdout_last"]
+        print(f"{name}\n    exit {r['exit']} after {r['seconds']} s, traceback {r['traceback']}: {said}"
               + "".join(f"\n    {k}: {v}" for k, v in r.items()
-                        if k not in ("exit", "seconds", "traceback", "stderr_last", "stdout_last")))
+                        if k not in ("exit", "seconds", "traceback", "stderr_last", "stdout_last") and v != []))
     if args.out:
         Path(args.out).write_text(json.dumps({"revision": args.revision, "probes": results}, indent=2))
 

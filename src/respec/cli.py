@@ -144,16 +144,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"respec train: checking the config{f' {args.config}' if args.config else ''}, the data and the "
           f"run directory", flush=True)
     from .rl.config import load_config
+    from .rl.rundir import RunDirectory
 
     config = load_config(args.config, args.overrides)  # checked whole before torch is even imported
-    from .rl.trainer import Trainer
-
+    directory = RunDirectory(config.out_dir).open(  # a second writer fails here, before torch too
+        config.to_dict(), resume=args.resume or args.resume_from is not None, overwrite=args.overwrite,
+        allow_config_change=args.allow_config_change)
+    if directory.moved_aside is not None:
+        print(f"respec train: the run that was in {config.out_dir} is now in {directory.moved_aside}")
     print(f"respec train: {config.out_dir}: loading {config.model} (speculative: {config.rollout.speculative})",
           flush=True)
-    trainer = Trainer(config, resume=args.resume, resume_from=args.resume_from, overwrite=args.overwrite,
-                      allow_config_change=args.allow_config_change)
-    if trainer.directory.moved_aside is not None:
-        print(f"respec train: the run that was in {config.out_dir} is now in {trainer.directory.moved_aside}")
+    from .rl.trainer import Trainer
+
+    trainer = Trainer(config, resume=args.resume, resume_from=args.resume_from, directory=directory)
     summary = trainer.train()
     for name, value in summary.items():
         print(f"{name}: {value:.3f}")

@@ -62,18 +62,19 @@ def make_llm(config: TrainConfig) -> LLM:
 
 class Trainer:
     def __init__(self, config: TrainConfig, *, resume: bool = False, resume_from: int | None = None,
-                 overwrite: bool = False, allow_config_change: bool = False, llm: LLM | None = None,
-                 reward_fn: RewardFn | None = None) -> None:
+                 overwrite: bool = False, allow_config_change: bool = False, directory: RunDirectory | None = None,
+                 llm: LLM | None = None, reward_fn: RewardFn | None = None) -> None:
         """``resume``: continue the run in ``config.out_dir`` from its newest sound checkpoint (or the
         one of step ``resume_from``); ``overwrite``: move a run already there aside and start anew;
-        ``allow_config_change``: resume although the config differs from the run's (see ``rundir``).
+        ``allow_config_change``: resume although the config differs from the run's (see ``rundir``);
+        ``directory``: ``config.out_dir`` already opened with these options (the CLI opens it first).
         ``reward_fn`` replaces the configured rewards (custom tasks, tests). The directory, the
         checkpoint and the steps are checked before the model loads."""
         self.config = config.validate()
         self.run_dir = Path(config.out_dir)
         resume = resume or resume_from is not None
-        self.directory = RunDirectory(self.run_dir).open(config.to_dict(), resume=resume, overwrite=overwrite,
-                                                         allow_config_change=allow_config_change)
+        self.directory = directory or RunDirectory(self.run_dir).open(
+            config.to_dict(), resume=resume, overwrite=overwrite, allow_config_change=allow_config_change)
         try:
             self._start(config, resume, resume_from, llm, reward_fn)
         except BaseException:
