@@ -22,11 +22,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from revision_ab import ROOT, checkout  # noqa: E402
+from revision_ab import checkout  # noqa: E402
 
-S = ["--config", str(ROOT / "configs" / "smollm2-arith.yaml"), "rollout.speculative=off", "eval_every=0",
-     "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=8", "rollout.max_num_seqs=4",
-     "checkpoint_every=1"]
+SETTINGS = ["rollout.speculative=off", "eval_every=0", "rollout.prompts_per_step=2", "rollout.group_size=2",
+            "rollout.max_new_tokens=8", "rollout.max_num_seqs=4", "checkpoint_every=1"]
 CLI = "import sys; from respec.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
@@ -66,6 +65,8 @@ def checksums(directory: Path) -> dict[str, int]:
 
 
 def probes(p: Probe) -> dict[str, dict]:
+    """Each fault and bad input, with the tiny settings on the revision's own arithmetic config."""
+    S = ["--config", str(p.src.parent / "configs" / "smollm2-arith.yaml"), *SETTINGS]  # noqa: N806
     results = {}
     p.respec("train", *S, "steps=2", "out_dir=A")
     before = checksums(p.work / "A")
