@@ -2,8 +2,8 @@
 seeded order per repeat after one warm-up; prints the adaptive engine's steps per arm and each system's
 median tokens/s and paired ratio against eagle:1, and the median time of the controller's ``choose``.
 
-    python benchmarks/adaptive_ab.py BATCH REPEATS ["{'acceptance_memory': 128.0}"] [EAGLE_HEAD]
-    # the third argument: ControllerConfig overrides
+    python benchmarks/adaptive_ab.py BATCH REPEATS ["{'tuning': {'thompson_sharpness': 1.0}}"] [EAGLE_HEAD]
+    # the third argument: ControllerConfig overrides (its constants in a nested 'tuning' mapping)
 """
 
 from __future__ import annotations

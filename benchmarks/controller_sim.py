@@ -27,17 +27,18 @@ import numpy as np
 from respec.engine.controller import AdaptiveController, Arm
 from respec.engine.cost_model import CostModel
 from respec.engine.profile import batch_grid
-from respec.engine.speculation import ControllerConfig, ControllerTuning
+from respec.engine.speculation import ControllerConfig
+from respec.utils.configs import from_dict
 
 RATES = {"eagle": np.array([0.48, 0.44]), "ngram": np.array([0.18, 0.50])}
 DRAFT_STEP_S = {"eagle": 6e-3, "ngram": 0.5e-3}
 CATCH_UP = {"eagle": "none", "ngram": "none"}  # EAGLE shadows while it sits out: switching on is free
-SETTINGS = {  # ControllerConfig or ControllerTuning fields over the defaults (Thompson sampling)
+SETTINGS = {  # ControllerConfig overrides of the defaults (Thompson sampling); its constants under "tuning"
     "default": {},
     "no exploration": {"explore": False},
-    "prior 4": {"prior_weight": 4.0},
-    "no cost draws": {"cost_spread": 0.0},
-    "sharpness 1": {"thompson_sharpness": 1.0},
+    "prior 4": {"tuning": {"prior_weight": 4.0}},
+    "no cost draws": {"tuning": {"cost_spread": 0.0}},
+    "sharpness 1": {"tuning": {"thompson_sharpness": 1.0}},
     "memory 256": {"acceptance_memory": 256.0},
 }
 SCHEDULE = [(1, 40)] * 4 + [(2, 40)] * 4 + [(4, 40)] * 4 + [(16, 40)] * 2 + [(64, 40)] * 2
@@ -63,9 +64,8 @@ def make_controller(setting: dict, seed: int, off_bias: float = 1.0) -> Adaptive
     truth = np.array([[target_s(b, t) for t in range(1, 4)] for b in batches])
     profile = truth * np.exp(np.random.default_rng(seed + 999).normal(0, 0.05, truth.shape))
     profile[:, 0] *= off_bias
-    tuned = {k: v for k, v in setting.items() if k in ControllerTuning.__dataclass_fields__}
-    config = ControllerConfig(max_draft_tokens=2, k_choices=(1, 2), seed=seed, profile_cache="",
-                              tuning=ControllerTuning(**tuned), **{k: v for k, v in setting.items() if k not in tuned})
+    config = from_dict({"max_draft_tokens": 2, "k_choices": [1, 2], "seed": seed, "profile_cache": "", **setting},
+                       ControllerConfig)
     return AdaptiveController(config, dict(CATCH_UP), CostModel(batches, profile))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -146,7 +147,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .rl.config import load_config
     from .rl.rundir import RunDirectory
 
-    config = load_config(args.config, args.overrides)  # checked whole before torch is even imported
+    config = load_config(args.config, args.overrides)  # checked whole before torch is imported (bar a device check)
     directory = RunDirectory(config.out_dir).open(  # a second writer fails here, before torch too
         config.to_dict(), resume=args.resume or args.resume_from is not None, overwrite=args.overwrite,
         allow_config_change=args.allow_config_change)
@@ -256,7 +257,7 @@ def _add_drafter(sub: argparse._SubParsersAction) -> None:
     train = drafter_sub.add_parser("train", help="train an EAGLE head offline on the target's own answers")
     _add_model_args(train)
     train.add_argument("--prompts", default=None,
-                       help="JSONL with a 'question' field, or 'arithmetic' (default: GSM8K when present)")
+                       help="JSONL with a 'question' field, or 'arithmetic' (default: $RESPEC_GSM8K, else arithmetic)")
     train.add_argument("--task", choices=TASK_NAMES, default=None,
                        help="train on this RL task's problems as the trainer phrases them (gsm8k reads --prompts)")
     train.add_argument("--levels", type=_int_list, default=(1, 2, 3), help="arithmetic levels for --task arithmetic")
@@ -333,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, OSError) as err:  # bad input, a missing or unreadable file: one line, no traceback
+        if os.environ.get("RESPEC_DEBUG"):
+            raise
         print(f"respec: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

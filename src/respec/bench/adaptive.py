@@ -22,18 +22,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.tasks import load_questions
+from ..data.tasks import load_questions, question_source
 from ..engine.cost_model import CostModel
 from ..engine.drafters import make_drafters
 from ..engine.llm import LLM
 from ..engine.params import SamplingParams
 from ..engine.speculation import ControllerConfig
 from ..engine.stats import summarize_trace
+from ..utils.configs import from_dict
 from .common import run_header, timed_fresh_generate
 from .headroom import rate_needed, speculation_headroom
 
 HEADROOM_K = 4  # drafts per step of the perfect drafter in the long tail's headroom bound
-HEADROOM_TARGET = 1.1  # the issue's long-tail goal over AR: the acceptance any drafter would need for it
+HEADROOM_TARGET = 1.1  # a long-tail gain over AR worth having: the bench prints the acceptance it takes
 
 
 @dataclass
@@ -79,14 +80,16 @@ def _measure(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -
 def build_systems(base: LLM, drafter_specs: list[str], ks: tuple[int, ...], max_rows: int, seed: int,
                   controller_overrides: dict | None = None) -> dict[str, LLM]:
     """AR (``"off"``, the base engine), every static ``drafter:k`` and ``"adaptive"`` over all the drafters,
-    one drafter instance each, shared by its engines (they run one at a time)."""
+    one drafter instance each, shared by its engines (they run one at a time). ``controller_overrides``:
+    ControllerConfig fields, a nested ``tuning`` mapping for its constants."""
     drafters = make_drafters(drafter_specs, base.model, base.tokenizer)
     systems = {"off": base}
     for name, drafter in drafters.items():
         for k in ks:
             systems[f"{name}:{k}"] = LLM(base.model, tokenizer=base.tokenizer, drafter=drafter, speculative=k,
                                          max_num_seqs=max_rows)
-    config = ControllerConfig(max_draft_tokens=max(ks), k_choices=tuple(ks), seed=seed, **(controller_overrides or {}))
+    config = from_dict({"max_draft_tokens": max(ks), "k_choices": list(ks), "seed": seed, **(controller_overrides or {})},
+                       ControllerConfig)
     systems["adaptive"] = LLM(base.model, tokenizer=base.tokenizer, drafter=list(drafters.values()),
                               speculative=config, max_num_seqs=max_rows)
     return systems
@@ -132,7 +135,8 @@ def run_adaptive_bench(model: str, drafters: list[str], batch_sizes: tuple[int, 
         headroom = long_tail_headroom(systems, budgets, tail)
     summary = summarize_trace(trace, warmup=10)
     result = {"model": model, "device": str(base.model.device), "dtype": str(base.model.dtype),
-              "threads": torch.get_num_threads(), "temperature": temperature, "ks": list(ks),
+              "threads": torch.get_num_threads(), "prompts": question_source(prompts_file),
+              "temperature": temperature, "ks": list(ks),
               "drafters": drafters, "new_tokens": new_tokens, "long_tail_budgets": budgets,
               "prediction_median_relative_error": summary.median_relative_error,
               "off_vs_ar_step": paired, "rows": [asdict(r) for r in rows],

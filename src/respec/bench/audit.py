@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import statistics
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
@@ -211,7 +212,7 @@ def samples_needed(samples: int, chi2: float, dof: int, threshold: float = P_VAL
     observed = chi2 - dof
     if observed <= 0 or samples <= 0:
         return None
-    critical, z = critical_value(dof, threshold), float(torch.special.ndtri(torch.tensor(power, dtype=torch.float64)))
+    critical, z = critical_value(dof, threshold), statistics.NormalDist().inv_cdf(power)
     low, high = 0.0, 1e12
     for _ in range(200):
         middle = (low + high) / 2

@@ -32,6 +32,8 @@ def timed_fresh_generate(llm: LLM, prompts: list[list[int]], params) -> tuple[li
 def run_header(result: dict, extra: str = "") -> str:
     """The first line of every bench table: what ran where."""
     line = f"model={result['model']} device={result['device']} dtype={result['dtype']} threads={result['threads']}"
+    if "prompts" in result:
+        line += f" prompts={result['prompts']}"
     return f"{line} {extra}" if extra else line
 
 

@@ -16,6 +16,7 @@ g against a. Results go to JSON, a table and ``online_learner.png``.
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 from pathlib import Path
 
@@ -62,7 +63,9 @@ def run_online_bench(config_path: str | None, drafter: str, arms: list[str], ste
         if arm == "a2":
             config.seed += 1
         print(f"--- arm {arm}: {label}", flush=True)
-        trainer = Trainer(config, overwrite=True)  # an earlier bench's arm is moved aside, not mixed in
+        trainer = Trainer(config, overwrite=True)  # an earlier bench's arm is replaced, never mixed in
+        if trainer.directory.moved_aside is not None:
+            shutil.rmtree(trainer.directory.moved_aside)
         rows = []
         try:
             for _ in range(steps):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.tasks import load_questions
+from ..data.tasks import load_questions, question_source
 from ..engine.llm import LLM
 from ..engine.params import SamplingParams
 from .common import run_header, timed_fresh_generate
@@ -85,7 +85,8 @@ def run_spec_bench(model: str, drafters: list[str], batch_sizes: tuple[int, ...]
                 rows.append(row)
                 print(format_row(asdict(row)), flush=True)
     result = {"model": model, "device": str(ar.model.device), "dtype": str(ar.model.dtype),
-              "threads": torch.get_num_threads(), "k": k, "rows": [asdict(r) for r in rows]}
+              "threads": torch.get_num_threads(), "prompts": question_source(prompts_file), "k": k,
+              "rows": [asdict(r) for r in rows]}
     result["pays_up_to"] = pay_limits(result["rows"])
     print(format_pay_limits(result["pays_up_to"]), flush=True)
     return result

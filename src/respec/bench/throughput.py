@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.tasks import load_questions
+from ..data.tasks import load_questions, question_source
 from ..engine.llm import LLM
 from ..engine.params import SamplingParams
 from ..models.decoder import DecoderLM
@@ -127,7 +127,8 @@ def run_bench(model: str = "smollm2-135m", batch_sizes: tuple[int, ...] = (1, 8,
             rows.append(row)
     return {
         "model": model, "device": str(llm.model.device), "dtype": str(llm.model.dtype),
-        "threads": torch.get_num_threads(), "read_bandwidth_gb_s": bandwidth / 1e9 if bandwidth else None,
+        "threads": torch.get_num_threads(), "prompts": question_source(prompts_file),
+        "read_bandwidth_gb_s": bandwidth / 1e9 if bandwidth else None,
         "weight_bytes_per_step": weight_bytes_per_step(llm.model),
         "floor_ms_per_token": floor_s * 1e3 if floor_s else None,
         "rows": [asdict(r) for r in rows],

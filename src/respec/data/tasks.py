@@ -118,6 +118,12 @@ def load_questions(count: int, path: str | Path | None = None, seed: int = 0) ->
     return [str(record["question"]) for _, record in read_jsonl(source, ("question",))[:count]]
 
 
+def question_source(path: str | Path | None = None) -> str:
+    """Where ``load_questions(count, path)`` takes its questions from, for a benchmark's record."""
+    source = path if path is not None else gsm8k_path()
+    return str(source) if source is not None else "arithmetic (built-in)"
+
+
 def arithmetic_questions(count: int, seed: int = 0) -> list[str]:
     """Built-in prompts for machines without a GSM8K file."""
     rng = random.Random(seed)

@@ -124,5 +124,6 @@ def cache_path(model: DecoderLM, batches: list[int], max_tokens: int,
     else:  # the CPU, its threads and the kernels the step runs (a new kernel or table makes timings stale)
         choices = sorted(f"{shape}:{kernel}" for shape, kernel in kernel_choices().items())
         device_name = f"{machine_key(model.dtype)}|{native.build_tag()}|{choices}"
-    key = json.dumps([repr(model.config), str(model.dtype), device_name, batches, max_tokens, PROFILE_CONTEXT])
+    timed = timed_points(batches, max_tokens)  # a sparse table is cached apart from a full one
+    key = json.dumps([repr(model.config), str(model.dtype), device_name, batches, max_tokens, PROFILE_CONTEXT, timed])
     return Path(cache_dir) / "profiles" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"

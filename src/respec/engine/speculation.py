@@ -1,8 +1,9 @@
 """What ``speculative`` means, in every place that takes it, and the adaptive controller's settings.
 
-``speculative`` is the same in ``LLM``, ``Engine``, the trainer's ``rollout`` section and the CLI:
-``None`` or ``"off"``, an int k (one drafter, k drafts every step), ``"adaptive"`` or a
-``ControllerConfig``. ``resolve_speculative`` checks a value against the drafters given;
+``speculative`` is the same in ``LLM`` and ``Engine``: ``None`` or ``"off"``, an int k (one drafter, k
+drafts every step), ``"adaptive"`` or a ``ControllerConfig``; the trainer's ``rollout.speculative`` and
+``respec generate --speculative`` take off, K or adaptive, the trainer with this ``ControllerConfig``
+as ``rollout.controller``. ``resolve_speculative`` checks a value against the drafters given;
 ``controller.make_controller`` builds what it resolves to. Plain Python, so that a training config is
 checked before torch is imported.
 """

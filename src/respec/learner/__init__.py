@@ -1,1 +1,1 @@
-"""Drafter learning: distillation losses, offline training, and (later) the online learner."""
+"""Drafter learning: distillation losses, the sample buffer, offline training and the online learner."""

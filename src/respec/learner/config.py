@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..data.tasks import TASK_NAMES
+from ..engine.speculation import MAX_DRAFT_TOKENS
 from ..utils.configs import require
 
 LEARNER_MODES = ("off", "sync", "async", "triggered")
@@ -28,7 +29,7 @@ class LearnerConfig:
     batch_size: int = 8  # sequences per optimizer step
     lr: float = 3e-4
     grad_clip: float = 1.0
-    depths: int | None = None  # training-time-test unroll (default: rollout.k)
+    depths: int | None = None  # training-time-test unroll (default: the rollout's largest k)
     temperature: float | None = None  # distillation temperature (default: the rollout's, 1 when greedy)
     buffer_tokens: int = 32768  # bound on the sample buffer (a few recent steps), oldest samples evicted first
     logits_top_k: int = 0  # 0: keep the full (draft-vocabulary) logits; K: top-K logprobs + the rest's mass
@@ -59,7 +60,8 @@ class LearnerConfig:
         require(0 <= self.worker_nice <= 19, "learner.worker_nice", f"must be in [0, 19], got {self.worker_nice}")
         require(self.min_buffer_tokens >= 0, "learner.min_buffer_tokens", f"must be >= 0, got {self.min_buffer_tokens}")
         if self.depths is not None:
-            require(1 <= self.depths <= 32, "learner.depths", f"must be in [1, 32], got {self.depths}")
+            require(1 <= self.depths <= MAX_DRAFT_TOKENS, "learner.depths",
+                    f"must be in [1, {MAX_DRAFT_TOKENS}], got {self.depths}")
         if self.temperature is not None:
             require(self.temperature > 0, "learner.temperature", f"must be > 0, got {self.temperature}")
         return self
@@ -68,10 +70,10 @@ class LearnerConfig:
 @dataclass
 class OfflineConfig:
     model: str = "smollm2-135m"
-    prompts: str | None = None  # JSONL with "question", or "arithmetic"; default GSM8K when present
+    prompts: str | None = None  # JSONL with "question", or "arithmetic"; default: $RESPEC_GSM8K, else arithmetic
     # The RL task's training problems, phrased exactly as the trainer phrases them (its instruction
     # and chat template), so the head learns the answers the RL run will draft: "arithmetic" (of
-    # ``levels``) or "gsm8k" (from ``prompts``, default the GSM8K file).
+    # ``levels``) or "gsm8k" (from ``prompts``, default the file $RESPEC_GSM8K names).
     task: str | None = None
     levels: tuple[int, ...] = (1, 2, 3)
     out: str = "drafters/smollm2-eagle"

@@ -1,10 +1,10 @@
 """Checkpoints of a training run, written so that a crash at any moment leaves a loadable run.
 
-``RUN/checkpoints/step-000010/`` holds ``actor/`` (HF format: opens with transformers), ``drafter/``
-(an EAGLE head, when the run trains one), ``trainer_state.pt`` (optimizer, scheduler, RNG states, data
-position, learner) and ``COMPLETE``. Everything is written into a hidden staging directory that is
-renamed into place only when whole: the weights are checked finite before anything is written, the
-files are checked present and the actor's tensors readable with the shapes saved, and ``COMPLETE`` is
+``RUN/checkpoints/step-000010/`` holds ``actor/`` (HF format: opens with transformers),
+``trainer_state.pt`` (optimizer, scheduler, RNG states, data position, the online learner and its
+head) and ``COMPLETE``. Everything is written into a hidden staging directory that is renamed into
+place only when whole: the weights are checked finite before anything is written, the files are
+checked present and the actor's safetensors whole (its header matches its size), and ``COMPLETE`` is
 written last with every file's size. A resume takes the newest checkpoint whose files all match
 ``COMPLETE`` and falls back past a damaged one; older checkpoints beyond ``keep_last`` are deleted
 only after the new one is in place, and a run removes only its own staging directories.
@@ -53,7 +53,7 @@ def non_finite_tensors(module: torch.nn.Module) -> list[str]:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, actor: DecoderLM, state: dict[str, Any],
-                    tokenizer: Any = None, drafter: Any = None, keep_last: int = 2, owner: str = "") -> Path:
+                    tokenizer: Any = None, keep_last: int = 2, owner: str = "") -> Path:
     """Write step ``step`` atomically, then prune all but the newest ``keep_last`` complete ones.
     ``owner`` (the run's id) names the staging directory, so pruning touches only this run's."""
     bad = non_finite_tensors(actor)
@@ -66,8 +66,6 @@ def save_checkpoint(run_dir: str | Path, step: int, actor: DecoderLM, state: dic
     staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(final.name, owner), dir=root))
     try:
         save_pretrained(actor, staging / "actor", tokenizer=tokenizer)
-        if drafter is not None:
-            drafter.save_pretrained(staging / "drafter")
         torch.save(state, staging / STATE)
         _check_written(staging)
         _fsync_tree(staging)
@@ -79,7 +77,7 @@ def save_checkpoint(run_dir: str | Path, step: int, actor: DecoderLM, state: dic
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    prune(root, keep_last, owner)
+    prune(root, keep_last, owner, keep=final)
     return final
 
 
@@ -148,9 +146,9 @@ def checkpoint_step(path: Path) -> int:
     return int(path.name.removeprefix(PREFIX))
 
 
-def latest_checkpoint(run_dir: str | Path, step: int | None = None) -> Path | None:
-    """The newest sound checkpoint (a damaged one is reported and passed over), or the one of ``step``,
-    which must be sound; None when there is none."""
+def resume_candidates(run_dir: str | Path, step: int | None = None) -> list[Path]:
+    """The sound checkpoints a resume may start from, the preferred first: newest first (a damaged one
+    is reported and passed over), or only the one of ``step``, which must be sound."""
     candidates = complete_checkpoints(run_dir)
     if step is not None:
         chosen = [p for p in candidates if checkpoint_step(p) == step]
@@ -161,14 +159,40 @@ def latest_checkpoint(run_dir: str | Path, step: int | None = None) -> Path | No
         problem = checkpoint_problem(chosen[0])
         if problem:
             raise ValueError(f"resume_from: checkpoint {chosen[0]} is damaged: {problem}")
-        return chosen[0]
+        return chosen
+    sound = []
     for path in reversed(candidates):
         problem = checkpoint_problem(path)
         if problem is None:
-            return path
-        warnings.warn(f"checkpoint {path} is damaged ({problem}); falling back to an earlier one",
-                      RuntimeWarning, stacklevel=2)
-    return None
+            sound.append(path)
+        else:
+            warnings.warn(f"checkpoint {path} is damaged ({problem}); falling back to an earlier one",
+                          RuntimeWarning, stacklevel=2)
+    return sound
+
+
+def latest_checkpoint(run_dir: str | Path, step: int | None = None) -> Path | None:
+    """The newest sound checkpoint, or the one of ``step`` (see ``resume_candidates``); None: none."""
+    candidates = resume_candidates(run_dir, step)
+    return candidates[0] if candidates else None
+
+
+def set_aside_after(run_dir: str | Path, step: int) -> Path | None:
+    """A run resumed from ``step`` goes on from there: the checkpoints past it (an abandoned future, a
+    damaged save) move into ``checkpoints/superseded-N/``, where resume and pruning no longer see them
+    and nothing is lost. Returns that folder, or None when there was nothing past ``step``."""
+    root = checkpoint_dir(run_dir)
+    later = [p for p in root.glob(f"{PREFIX}*") if p.is_dir() and p.name.removeprefix(PREFIX).isdigit()
+             and checkpoint_step(p) > step]
+    if not later:
+        return None
+    number = 1
+    while (aside := root / f"superseded-{number}").exists():
+        number += 1
+    aside.mkdir()
+    for path in later:
+        path.rename(aside / path.name)
+    return aside
 
 
 def load_trainer_state(path: Path) -> dict[str, Any]:
@@ -187,11 +211,13 @@ def clear_staging(run_dir: str | Path) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-def prune(root: Path, keep_last: int, owner: str = "") -> None:
-    """Keep the newest ``keep_last`` complete checkpoints; remove this run's leftover staging directories."""
+def prune(root: Path, keep_last: int, owner: str = "", keep: Path | None = None) -> None:
+    """Keep the newest ``keep_last`` complete checkpoints (and ``keep``, the one just saved); remove
+    this run's leftover staging directories."""
     complete = complete_checkpoints(root.parent)
     for old in complete[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != keep:
+            shutil.rmtree(old, ignore_errors=True)
     if owner:
         for leftover in root.glob(f".{PREFIX}*.{owner}.*"):
             if leftover.is_dir():

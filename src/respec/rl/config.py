@@ -9,6 +9,7 @@ learner's own ``LearnerConfig``; ``rollout.controller`` is the engine's ``Contro
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +18,11 @@ import yaml
 
 from ..data.tasks import LEVELS, TASK_NAMES, load_task
 from ..engine.device import check_dtype_name, parse_device
-from ..engine.speculation import ControllerConfig, resolve_speculative
+from ..engine.speculation import MAX_DRAFT_TOKENS, ControllerConfig, resolve_speculative
 from ..learner.config import LearnerConfig
+from ..utils.atomic import write_text_atomic
 from ..utils.configs import apply_overrides, from_dict, read_yaml_file, require
+from ..utils.paths import gsm8k_path
 from .rewards import REWARDS
 
 
@@ -47,10 +50,13 @@ class TaskConfig:
             require(bool(self.levels) and not bad, f"{prefix}.levels",
                     f"must be a non-empty subset of {sorted(LEVELS)}, got {self.levels}")
         else:  # the file is read now, so a missing file or a bad row fails before the model loads
+            self.path = str(Path(self.path).resolve()) if self.path else str(gsm8k_path() or "") or None
             try:
                 load_task(self.name, self.num_train, self.num_eval, 0, self.path, tuple(self.levels))
             except ValueError as err:
-                raise ValueError(f"{prefix}.path: {err}") from None
+                message = str(err)
+                raise ValueError(f"{prefix}.path: {message}" if message.startswith("data:")
+                                 else f"{prefix}.{message}") from None
         if self.switch_to is not None:
             require(self.switch_to.switch_to is None, f"{prefix}.switch_to.switch_to", "one switch per run")
             self.switch_to.validate(f"{prefix}.switch_to")
@@ -90,7 +96,7 @@ class RolloutConfig:
         require(self.top_k >= 0, "rollout.top_k", f"must be >= 0, got {self.top_k}")
         require(self.max_new_tokens >= 1, "rollout.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         require(self.compare_ar_every >= 0, "rollout.compare_ar_every", f"must be >= 0, got {self.compare_ar_every}")
-        self._upgrade_deprecated()
+        self.upgrade_deprecated()
         if self.speculative != "off":
             require(bool(self.drafters), "rollout.drafters", "empty; name at least one drafter or set speculative=off")
         try:
@@ -98,20 +104,27 @@ class RolloutConfig:
         except ValueError as err:
             raise ValueError(f"rollout.{err}") from None
 
-    def _upgrade_deprecated(self) -> None:
-        """``speculative: static`` with ``k: K`` (and ``k`` with adaptive) from older configs, with a warning."""
-        if self.k is not None:
-            require(isinstance(self.k, int) and 1 <= self.k <= 32, "rollout.k", f"must be in [1, 32], got {self.k}")
+    def upgrade_deprecated(self) -> None:
+        """``speculative: static`` with ``k: K`` (K was 4 when not given), and ``k`` with adaptive, from
+        older configs, with a warning."""
+        if self.speculative == "static" and self.k is None:
+            self.k = 4
+        if self.k is None:
+            return
+        require(isinstance(self.k, int) and 1 <= self.k <= MAX_DRAFT_TOKENS, "rollout.k",
+                f"must be in [1, {MAX_DRAFT_TOKENS}], got {self.k}")
         if self.speculative == "static":
-            warnings.warn(f"rollout.speculative=static is deprecated: write rollout.speculative={self.k or 4}",
+            warnings.warn(f"rollout.speculative=static is deprecated: write rollout.speculative={self.k}",
                           FutureWarning, stacklevel=4)
-            self.speculative, self.k = self.k or 4, None
-        elif self.k is not None:
-            if self.speculative == "adaptive":
-                warnings.warn(f"rollout.k is deprecated: write rollout.controller.max_draft_tokens={self.k}",
-                              FutureWarning, stacklevel=4)
-                self.controller = dataclasses.replace(self.controller, max_draft_tokens=self.k)
-            self.k = None
+            self.speculative = self.k
+        elif self.speculative == "adaptive":
+            warnings.warn(f"rollout.k is deprecated: write rollout.controller.max_draft_tokens={self.k}",
+                          FutureWarning, stacklevel=4)
+            self.controller = dataclasses.replace(self.controller, max_draft_tokens=self.k)
+        else:
+            require(self.speculative in ("off", self.k), "rollout.k",
+                    f"is deprecated and contradicts rollout.speculative={self.speculative}; drop it")
+        self.k = None
 
     def engine_speculative(self, seed: int | None = None) -> int | str | ControllerConfig:
         """The value for ``LLM(speculative=...)``; an adaptive controller without a seed gets ``seed``."""
@@ -189,6 +202,8 @@ class TrainConfig:
         require(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
         require(self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
         require(self.keep_last >= 1, "keep_last", f"must be >= 1, got {self.keep_last}")
+        require(not self.tensorboard or importlib.util.find_spec("tensorboard") is not None, "tensorboard",
+                "the 'tensorboard' package is not installed; pip install tensorboard, or set tensorboard=false")
         check_dtype_name(self.dtype)
         if self.device is not None:  # this machine can run it: checked before anything loads
             parse_device(self.device)
@@ -228,4 +243,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

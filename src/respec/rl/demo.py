@@ -3,6 +3,7 @@ speculative rollouts, on the CPU, ending with the figures that matter side by si
 
 from __future__ import annotations
 
+import shutil
 import time
 
 from .config import load_config
@@ -26,9 +27,10 @@ def run_demo(model: str = "smollm2-135m", extra: list[str] | None = None) -> int
     print(f"GRPO on {config.model}: {config.steps} steps x {config.rollout.prompts_per_step} prompts x "
           f"{config.rollout.group_size} samples, speculative rollouts ({config.rollout.speculative}, "
           f"drafters {config.rollout.drafters}), eval on {config.task.num_eval} held-out problems", flush=True)
-    trainer = Trainer(config, overwrite=True)  # each demo is a new run; an earlier one is moved aside
+    trainer = Trainer(config, overwrite=True)  # each demo is a new run: the previous demo's is removed
     if trainer.directory.moved_aside is not None:
-        print(f"(the previous demo run is now in {trainer.directory.moved_aside})", flush=True)
+        shutil.rmtree(trainer.directory.moved_aside)
+        print(f"(removed the previous demo run from {config.out_dir})", flush=True)
     summary = trainer.train()
     rows = read_metrics(config.out_dir)
     report = make_report(config.out_dir)

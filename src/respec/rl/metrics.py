@@ -19,7 +19,6 @@ class MetricsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_after is not None:
             self._truncate_after(resume_after)
-        self._file = self.path.open("a")
         self._tb = None
         if tensorboard:
             try:
@@ -27,6 +26,7 @@ class MetricsWriter:
             except ImportError as err:  # tensorboard is optional
                 raise ValueError("tensorboard: install the 'tensorboard' package or set tensorboard=false") from err
             self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        self._file = self.path.open("a")
 
     def _truncate_after(self, step: int) -> None:
         """On resume, drop lines of steps the checkpoint does not cover (they will be run again) and a

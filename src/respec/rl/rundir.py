@@ -4,9 +4,12 @@ A training run owns its ``out_dir`` while it runs: an exclusive OS lock on ``out
 by the kernel when the process ends, however it ends) keeps a second writer out, and the lock file
 names its holder. ``run.json`` records the run's identity: an id, the seed, the start time and a hash
 of its config without the settings a resume may change (``RESUMABLE``). A new run refuses a directory
-that holds another run; ``overwrite`` moves the old run aside (``NAME.replaced-N``), never deletes it.
-A resume compares the config with the run's own ``config.yaml`` and refuses a change beyond
-``RESUMABLE`` unless it is allowed explicitly, which ``run.json`` then records.
+that holds another run (its config, metrics, checkpoints or TensorBoard events: a start that failed
+before the model loaded leaves none of them); ``overwrite`` moves the old run's files aside
+(``NAME.replaced-N``), never deletes them, and leaves anything else in the directory alone. A resume
+compares the config with the run's own ``config.yaml`` (read through today's defaults and spellings)
+and refuses a change beyond ``RESUMABLE`` unless it is allowed explicitly; ``record_resume`` notes it
+in ``run.json`` once the trainer has found a checkpoint to resume.
 """
 
 from __future__ import annotations
@@ -17,11 +20,14 @@ import os
 import socket
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import yaml
 
 from ..utils.atomic import write_text_atomic
+from ..utils.configs import from_dict
+from .config import TrainConfig
 
 try:
     import fcntl
@@ -30,7 +36,8 @@ except ImportError:  # not POSIX: runs are not locked
 
 RESUMABLE = ("steps", "eval_every", "checkpoint_every", "keep_last", "tensorboard", "out_dir")
 LOCK, IDENTITY, CONFIG = ".lock", "run.json", "config.yaml"
-RUN_FILES = (IDENTITY, CONFIG, "metrics.jsonl", "checkpoints")
+RUN_FILES = (CONFIG, "metrics.jsonl", "checkpoints", "tensorboard")  # what makes a directory a run
+MOVED = (*RUN_FILES, IDENTITY, "report")  # what --overwrite moves aside
 
 
 def config_hash(config: dict) -> str:
@@ -53,12 +60,26 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
     return changes
 
 
+def _today(saved: dict) -> dict:
+    """A saved config as today's code reads it (defaults filled in, old spellings upgraded), so a resume
+    compares meanings; the raw file where it no longer loads."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            config = from_dict(saved, TrainConfig)
+            config.rollout.upgrade_deprecated()
+        return config.to_dict()
+    except ValueError:
+        return saved
+
+
 class RunDirectory:
     """``out_dir`` held by this process from ``open`` to ``close``."""
 
     def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
+        self.path = Path(path).resolve()
         self.identity: dict = {}
+        self.config_changes: list[str] = []  # a resume's changes, recorded by ``record_resume``
         self.moved_aside: Path | None = None
         self._lock_file = None
 
@@ -106,28 +127,32 @@ class RunDirectory:
 
     def _check_resume(self, config: dict, allow_config_change: bool) -> None:
         try:
-            saved = yaml.safe_load((self.path / CONFIG).read_text()) or {}
+            saved = _today(yaml.safe_load((self.path / CONFIG).read_text()) or {})
         except (OSError, yaml.YAMLError) as err:
             raise ValueError(f"resume: cannot read {self.path / CONFIG}: {err}") from None
-        changes = config_changes(saved, config)
-        if changes and not allow_config_change:
-            raise ValueError(f"resume: the config differs from the run's in {', '.join(changes)}; pass "
-                             f"--allow-config-change to continue the run with the new values")
+        self.config_changes = config_changes(saved, config)
+        if self.config_changes and not allow_config_change:
+            raise ValueError(f"resume: the config differs from the run's in {', '.join(self.config_changes)}; "
+                             f"pass --allow-config-change to continue the run with the new values")
         self.identity = self._read_identity() or {"run_id": uuid.uuid4().hex[:12], "seed": saved.get("seed"),
                                                   "config_hash": config_hash(saved), "started": None, "resumes": []}
+
+    def record_resume(self, step: int) -> None:
+        """Note in ``run.json`` that the run resumed from ``step`` (with the config changes allowed)."""
         self.identity.setdefault("resumes", []).append(
-            {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config_changes": changes})
+            {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "from_step": step, "config_changes": self.config_changes})
         write_text_atomic(self.path / IDENTITY, json.dumps(self.identity, indent=2))
 
     def _move_aside(self) -> Path:
-        """The old run's files into ``NAME.replaced-N`` beside the directory (the lock stays here)."""
+        """The old run's files into ``NAME.replaced-N`` beside the directory (the lock, and whatever is
+        not a run's, stay here)."""
         number = 1
         while (aside := self.path.with_name(f"{self.path.name}.replaced-{number}")).exists():
             number += 1
         aside.mkdir()
-        for entry in self.path.iterdir():
-            if entry.name != LOCK:
-                entry.rename(aside / entry.name)
+        for name in MOVED:
+            if (self.path / name).exists():
+                (self.path / name).rename(aside / name)
         return aside
 
     # ------------------------------------------------------------------ the lock

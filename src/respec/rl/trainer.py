@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +26,11 @@ from ..models.loading import load_weights
 from .checkpoint import (
     checkpoint_step,
     clear_staging,
-    latest_checkpoint,
     load_trainer_state,
+    resume_candidates,
     rng_state,
     save_checkpoint,
+    set_aside_after,
     set_rng_state,
 )
 from .config import TaskConfig, TrainConfig, save_config
@@ -36,6 +38,7 @@ from .grpo import group_advantages
 from .learner_hooks import make_online_learner, skipped_rows_filter
 from .metrics import MetricsWriter
 from .rewards import RewardFn, combine, correctness_reward
+from .rollout_stats import spec_delta, spec_snapshot
 from .rundir import RunDirectory
 from .update import Capture, UpdateBatch, grpo_update
 
@@ -83,7 +86,7 @@ class Trainer:
 
     def _start(self, config: TrainConfig, resume: bool, resume_from: int | None, llm: LLM | None,
                reward_fn: RewardFn | None) -> None:
-        checkpoint = self._checkpoint_to_resume(resume_from) if resume else None
+        candidates = self._resume_candidates(resume_from) if resume else []
         clear_staging(self.run_dir)  # saves that never finished: with the lock held, nobody owns them
         torch.manual_seed(config.seed)
         self.llm = llm or make_llm(config)
@@ -107,8 +110,8 @@ class Trainer:
         self.ar_llm: LLM | None = None  # for paired AR timings (compare_ar)
         self.learner, self.learner_worker = make_online_learner(config, self.llm)
         self.ledger = {"drafter_train_s": 0.0, "rollout_saved_s": 0.0, "speedup": None}
-        if checkpoint is not None:
-            self._resume(checkpoint)
+        if candidates:
+            self._resume(candidates, fall_back=resume_from is None)
         save_config(config, self.run_dir / "config.yaml")
         self.metrics = MetricsWriter(self.run_dir, config.tensorboard, resume_after=self.step if resume else 0)
 
@@ -153,11 +156,11 @@ class Trainer:
         llm = llm or self.llm
         prompts = [self.encode(p) for p in problems]
         params = [self.sampling_params(step, i) for i in range(len(problems))]
-        before = _spec_snapshot(llm)
+        before = spec_snapshot(llm)
         start = time.perf_counter()
         outputs = llm.generate(prompts, params, progress=False)
         seconds = time.perf_counter() - start
-        return outputs, seconds, _spec_delta(llm, before, seconds, len(problems) * self.config.rollout.group_size)
+        return outputs, seconds, spec_delta(llm, before, seconds, len(problems) * self.config.rollout.group_size)
 
     def train_step(self) -> dict[str, float]:
         step_start = time.perf_counter()
@@ -189,7 +192,7 @@ class Trainer:
                              f"checkpoint is the last good one") from None
         update_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        drafter: dict[str, float] = {}
+        drafter = {}
         if self.learner_worker is not None:
             version = self.learner.drafter.version
             self.learner_worker.after_update(self.actor, self.step, rollout_stats.get("sd/accept_len"),
@@ -309,20 +312,38 @@ class Trainer:
         return save_checkpoint(self.run_dir, self.step, self.actor, self.state(), tokenizer=self.llm.tokenizer,
                                keep_last=self.config.keep_last, owner=self.directory.identity["run_id"])
 
-    def _checkpoint_to_resume(self, step: int | None) -> Path:
-        """The checkpoint a resume starts from, and a check that it leaves steps to run."""
-        path = latest_checkpoint(self.run_dir, step)
-        if path is None:
+    def _resume_candidates(self, step: int | None) -> list[Path]:
+        """The checkpoints a resume may start from (see ``checkpoint.resume_candidates``), checked to
+        leave steps to run."""
+        candidates = resume_candidates(self.run_dir, step)
+        if not candidates:
             raise ValueError(f"resume: no sound complete checkpoint under {self.run_dir / 'checkpoints'}")
-        done = checkpoint_step(path)
+        done = checkpoint_step(candidates[0])
         if self.config.steps <= done:
-            raise ValueError(f"steps: {self.config.steps}, but the checkpoint to resume ({path.name}) has run "
-                             f"{done} steps already; raise steps to continue")
-        return path
+            raise ValueError(f"steps: {self.config.steps}, but the checkpoint to resume ({candidates[0].name}) has "
+                             f"run {done} steps already; raise steps to continue")
+        return candidates
 
-    def _resume(self, path: Path) -> None:
-        load_weights(self.actor, path / "actor")
-        state = load_trainer_state(path)
+    def _resume(self, candidates: list[Path], fall_back: bool) -> None:
+        """Load the first candidate that loads (a damaged one is reported and, when ``fall_back``, the
+        next tried), set aside the checkpoints past it and record the resume."""
+        for index, path in enumerate(candidates):
+            try:
+                state = load_trainer_state(path)
+                load_weights(self.actor, path / "actor")
+                break
+            except ValueError as err:
+                if not fall_back or index == len(candidates) - 1:
+                    raise
+                warnings.warn(f"{err}; falling back to {candidates[index + 1].name}", RuntimeWarning, stacklevel=2)
+        aside = set_aside_after(self.run_dir, checkpoint_step(path))
+        if aside is not None:
+            warnings.warn(f"the run resumes from {path.name}: the checkpoints after it are now in {aside}",
+                          RuntimeWarning, stacklevel=2)
+        self.directory.record_resume(checkpoint_step(path))
+        self._load_state(state)
+
+    def _load_state(self, state: dict) -> None:
         self._enter_stage(state["step"])  # the task of the last step taken: epoch and position are its
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.order = self._order(self.epoch)
@@ -346,32 +367,3 @@ def _load(task: TaskConfig, seed: int) -> tuple[list[Problem], list[Problem]]:
 def _update_batch(rollout: Rollout) -> UpdateBatch:
     return UpdateBatch(prompt_ids=rollout.prompt_ids, token_ids=rollout.token_ids, logprobs=rollout.logprobs,
                        advantages=rollout.advantages)
-
-
-def _spec_snapshot(llm: LLM) -> tuple:
-    s = llm.stats
-    return (s.generated_tokens, s.spec.verify_steps, s.spec.emitted, s.spec.drafted, s.spec.accepted,
-            list(s.spec.accepted_at), list(s.spec.offered_at), dict(s.arm_steps), s.decode_steps)
-
-
-def _spec_delta(llm: LLM, before: tuple, seconds: float, rows: int) -> dict[str, float]:
-    s = llm.stats
-    tokens = s.generated_tokens - before[0]
-    out = {"rollout/tokens_per_s": tokens / seconds if seconds else 0.0, "rollout/time_s": seconds,
-           "rollout/batch_size": float(rows)}
-    steps, emitted = s.spec.verify_steps - before[1], s.spec.emitted - before[2]
-    drafted, accepted = s.spec.drafted - before[3], s.spec.accepted - before[4]
-    decode_steps = s.decode_steps - before[8]
-    arms = {a: n - before[7].get(a, 0) for a, n in s.arm_steps.items()}
-    sd_steps = {a: n for a, n in arms.items() if n and a != "off"}
-    out["sd/enabled_frac"] = sum(sd_steps.values()) / decode_steps if decode_steps else 0.0
-    if steps:
-        out["sd/accept_len"] = emitted / steps
-        out["sd/accept_rate"] = accepted / drafted if drafted else 0.0
-        out["sd/k_mean"] = sum(int(a.rsplit(":", 1)[1]) * n for a, n in sd_steps.items()) / max(sum(sd_steps.values()), 1)
-        for i, (acc, off) in enumerate(zip(s.spec.accepted_at, s.spec.offered_at)):
-            got = acc - (before[5][i] if i < len(before[5]) else 0)
-            offered = off - (before[6][i] if i < len(before[6]) else 0)
-            if offered:
-                out[f"sd/accept_rate_pos_{i}"] = got / offered
-    return out

@@ -155,10 +155,11 @@ def _finite_step(model: DecoderLM, optimizer: torch.optim.Optimizer, grad_clip: 
         raise FloatingPointError(f"the loss ({loss}) or the gradient norm ({grad_norm}) is not finite; "
                                  f"the update was not applied")
     optimizer.step()  # without gradients (no row to learn from) AdamW leaves every parameter as it is
-    with torch.no_grad():
-        broken = next((name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
-    if broken is not None:
-        raise FloatingPointError(f"the update left {broken} with NaN or inf")
+    with torch.no_grad():  # one device sync for every parameter together
+        finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()])
+    if not bool(finite.all()):
+        names = [name for name, _ in model.named_parameters()]
+        raise FloatingPointError(f"the update left {names[int((~finite).nonzero()[0])]} with NaN or inf")
     return grad_norm
 
 

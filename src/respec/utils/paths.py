@@ -19,9 +19,12 @@ def cache_dir() -> Path:
 
 
 def gsm8k_path() -> Path | None:
-    """The GSM8K-format JSONL named by ``$RESPEC_GSM8K`` when it is set and the file exists."""
+    """The GSM8K-format JSONL named by ``$RESPEC_GSM8K`` (None when it is not set); a name that is not a
+    file is an error rather than a silent switch to other prompts."""
     value = os.environ.get(GSM8K_ENV)
     if not value:
         return None
     path = Path(value).expanduser()
-    return path if path.is_file() else None
+    if not path.is_file():
+        raise ValueError(f"{GSM8K_ENV}: {path} is not a file")
+    return path.resolve()
