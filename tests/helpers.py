@@ -27,12 +27,13 @@ def ragged_prompts(count: int, vocab: int, seed: int = 0) -> list[list[int]]:
 
 def random_head(target, draft_vocab_size: int = 0, seed: int = 0, scale: float = 0.2) -> EagleHead:
     """An EAGLE head for ``target`` with weights of std ``scale`` (larger than the default init, so drafts
-    are not all alike); a reduced draft vocabulary maps onto target ids 0..Vd-1."""
+    are not all alike) and the target's final norm; a reduced draft vocabulary maps onto ids 0..Vd-1."""
     torch.manual_seed(seed)
     head = EagleHead(EagleConfig.for_target(target.config, draft_vocab_size=draft_vocab_size))
     with torch.no_grad():
         for p in head.parameters():
             p.normal_(0, scale)
+        head.norm.weight.copy_(target.norm.weight)  # the final norm as a trained head starts it
         if draft_vocab_size:
             head.draft_to_target.copy_(torch.arange(draft_vocab_size))
     return head

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from respec.cli import build_parser, main
 
-SUBCOMMANDS = (["generate"], ["bench"], ["drafter", "train"], ["audit"], ["train"], ["report"], ["demo"])
+SUBCOMMANDS = (["generate"], ["bench"], ["drafter", "train"], ["drafter", "export"], ["audit"], ["train"], ["report"],
+               ["demo"])
 
 
 @pytest.mark.parametrize("words", SUBCOMMANDS, ids=" ".join)
@@ -110,3 +112,19 @@ def test_an_os_error_is_one_line_not_a_traceback(tmp_path, capsys):
     assert main(["train", "rollout.speculative=off", f"out_dir={tmp_path / 'file' / 'run'}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("respec: error: ") and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_drafter_export_writes_the_standard_layout_and_refuses_a_broken_head(tiny_llama, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from respec.models.eagle_format import save_eagle_head
+    from respec.models.loading import load_model
+    from tests.helpers import random_head
+
+    model, _ = load_model(tiny_llama)
+    save_eagle_head(random_head(model, draft_vocab_size=16), tmp_path / "head", model)
+    assert main(["drafter", "export", str(tmp_path / "head"), str(tmp_path / "out"), "--model", str(tiny_llama)]) == 0
+    assert load_file(str(tmp_path / "out" / "model.safetensors"))["fc.weight"].dtype == torch.bfloat16
+    (tmp_path / "head" / "model.safetensors").write_bytes(b"not a safetensors file")
+    assert main(["drafter", "export", str(tmp_path / "head"), str(tmp_path / "out2"), "--model", str(tiny_llama)]) == 2
+    assert "drafter: cannot read" in capsys.readouterr().err and not (tmp_path / "out2").exists()

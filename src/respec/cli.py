@@ -195,6 +195,20 @@ def cmd_drafter_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_drafter_export(args: argparse.Namespace) -> int:
+    """An EAGLE head (ReSpec's older layout or the standard one) in the layout SGLang and vLLM load."""
+    from .engine.device import parse_dtype
+    from .models.eagle_format import load_eagle_head, save_eagle_head
+    from .models.loading import load_model
+
+    target, _ = load_model(args.model)
+    head = load_eagle_head(args.head, target)
+    out = save_eagle_head(head, args.out, target, dtype=parse_dtype(args.dtype, target.device))
+    print(f"wrote {out} ({args.dtype}): load it with SGLang --speculative-algorithm EAGLE3 "
+          f"--speculative-draft-model-path {out}, or vLLM speculative_config={{'method': 'eagle3', 'model': '{out}'}}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="respec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -278,6 +292,12 @@ def _add_drafter(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--held-out", type=float, default=0.1,
                        help="fraction of the answers (the first ones) kept out of training to report on")
     train.set_defaults(func=cmd_drafter_train)
+    export = drafter_sub.add_parser("export", help="write an EAGLE head in the EAGLE-3 layout SGLang and vLLM load")
+    export.add_argument("head", help="the head's directory")
+    export.add_argument("out", help="the directory to write (replaced whole, or left as it was on an error)")
+    export.add_argument("--model", default=DEFAULT_MODEL, help="the target the head drafts for")
+    export.add_argument("--dtype", default="bfloat16", help="of the written tensors (bfloat16, float16 or float32)")
+    export.set_defaults(func=cmd_drafter_export)
 
 
 def _add_audit(sub: argparse._SubParsersAction) -> None:

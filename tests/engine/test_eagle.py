@@ -14,14 +14,15 @@ from respec.engine.rng import sample_key
 from respec.engine.sampling import uniform_row_params
 from respec.learner.distill import DistillBatch, ttt_forward, ttt_unroll
 from respec.models.eagle import EagleConfig, EagleHead
+from respec.models.eagle_format import load_eagle_head, save_eagle_head
 from tests.helpers import random_head
 
 
 def test_save_and_load_round_trip(target_llm, tmp_path):
     head = random_head(target_llm.model, draft_vocab_size=32)
     head.draft_to_target.copy_(torch.arange(0, 64, 2))
-    head.save_pretrained(tmp_path / "eagle")
-    loaded = EagleHead.from_pretrained(tmp_path / "eagle", target_llm.model)
+    save_eagle_head(head, tmp_path / "eagle", target_llm.model)
+    loaded = load_eagle_head(tmp_path / "eagle", target_llm.model)
     for (name, a), (_, b) in zip(head.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
     hidden = torch.randn(3, target_llm.model.config.hidden_size)
@@ -39,8 +40,8 @@ def test_mismatched_target_is_refused(target_llm, tmp_path):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text('{"architecture": "llama"}')
     (tmp_path / "bad" / "model.safetensors").write_bytes(b"")
-    with pytest.raises(ValueError, match="not an EAGLE head"):
-        EagleHead.from_pretrained(tmp_path / "bad", target_llm.model)
+    with pytest.raises(ValueError, match="not an EAGLE-3 head"):
+        load_eagle_head(tmp_path / "bad", target_llm.model)
 
 
 def reference_first_draft_logits(head: EagleHead, target, committed: list[int]) -> torch.Tensor:

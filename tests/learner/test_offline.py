@@ -13,7 +13,7 @@ from respec.learner import offline
 from respec.learner.answers import ANSWERS_FORMAT, Example, load_answers, save_answers
 from respec.learner.config import OfflineConfig
 from respec.learner.offline import run_offline
-from respec.models.eagle import EagleHead
+from respec.models.eagle_format import load_eagle_head
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def test_answers_are_saved_then_reused_and_training_continues(tiny_llm, tiny_lla
     first = run_offline(_config(tiny_llama, tmp_path, examples=str(answers)), llm=tiny_llm)
     lines = answers.read_text().splitlines()
     assert json.loads(lines[0])["format"] == ANSWERS_FORMAT and len(lines) == 1 + 5
-    saved = EagleHead.from_pretrained(first, tiny_llm.model)
+    saved = load_eagle_head(first, tiny_llm.model)
     assert saved.config.draft_vocab_size == 24
 
     # The second run generates nothing: it reads the answers and starts from the saved head.
@@ -44,7 +44,7 @@ def test_answers_are_saved_then_reused_and_training_continues(tiny_llm, tiny_lla
     second = run_offline(_config(tiny_llama, tmp_path, examples=str(answers), init_from=str(first),
                                  out=str(tmp_path / "head2"), num_prompts=4, draft_vocab_size=8), llm=tiny_llm)
     assert all(torch.equal(starts[0][name], tensor) for name, tensor in saved.state_dict().items())
-    continued = EagleHead.from_pretrained(second, tiny_llm.model)
+    continued = load_eagle_head(second, tiny_llm.model)
     assert torch.equal(continued.draft_to_target, saved.draft_to_target)  # its vocabulary, not a new one
     assert json.loads((second / "training.json").read_text())["init_from"] == str(first)
 

@@ -27,6 +27,7 @@ from respec.learner.distill import ttt_forward
 from respec.learner.online import OnlineLearner
 from respec.learner.worker import LearnerWorker, TriggerPolicy
 from respec.models.eagle import EagleHead
+from respec.models.eagle_format import save_eagle_head
 from respec.rl.config import load_config
 from respec.rl.trainer import Trainer
 from tests.helpers import (
@@ -308,7 +309,7 @@ def test_worker_publishes_and_a_failing_learner_never_stops_rollouts(target_llm,
 @pytest.fixture(scope="module")
 def head_dir(tiny_llama, tmp_path_factory):
     model = LLM(str(tiny_llama), device="cpu").model
-    return random_head(model, seed=5, scale=0.1).save_pretrained(tmp_path_factory.mktemp("head") / "eagle")
+    return save_eagle_head(random_head(model, seed=5, scale=0.1), tmp_path_factory.mktemp("head") / "eagle", model)
 
 
 def learner_trainer(tiny_llama, head_dir, out_dir, *overrides, resume: bool = False) -> Trainer:

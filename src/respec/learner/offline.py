@@ -27,6 +27,7 @@ from ..engine.llm import LLM, Prompt
 from ..engine.params import SamplingParams
 from ..models.decoder import DecoderLM
 from ..models.eagle import EagleConfig, EagleHead
+from ..models.eagle_format import load_eagle_head, save_eagle_head
 from .answers import Example, load_answers, save_answers
 from .config import OfflineConfig
 from .distill import DistillBatch, DistillResult, ttt_forward
@@ -167,7 +168,7 @@ def run_offline(config: OfflineConfig, llm: LLM | None = None) -> Path:
     train, held_out = examples[held:], examples[:held]
     config.history = train_head(head, target, train, held_out, config)
     covered = _coverage(examples, vocab)
-    out = head.save_pretrained(config.out, extra={"training": {**asdict(config), "response_coverage": covered}})
+    out = save_eagle_head(head, config.out, target, extra={"training": {**asdict(config), "response_coverage": covered}})
     (out / "training.json").write_text(json.dumps({**asdict(config), "response_coverage": covered}, indent=2))
     print(f"draft vocabulary covers {covered:.1%} of response tokens; saved to {out}")
     return out
@@ -198,7 +199,7 @@ def initial_head(target: DecoderLM, examples: list[Example], config: OfflineConf
     (``init_from``), or a new one whose output rows start as the target's for the answers' most
     frequent tokens."""
     if config.init_from:
-        head = EagleHead.from_pretrained(config.init_from, target).train()
+        head = load_eagle_head(config.init_from, target).train()
         vocab = head.draft_to_target.clone() if head.config.draft_vocab_size else torch.arange(0)
         return head, vocab
     vocab = choose_draft_vocab(examples, config.draft_vocab_size, target.config.vocab_size, eos)
@@ -206,9 +207,7 @@ def initial_head(target: DecoderLM, examples: list[Example], config: OfflineConf
     head = EagleHead(eagle_config, dtype=target.dtype, device=target.device)
     if vocab.numel():
         head.draft_to_target.copy_(vocab)
-        with torch.no_grad():  # start from the target's own output rows
-            head.draft_head.weight.copy_(target.head_weight[vocab.to(target.device)])
-    return head, vocab
+    return head.init_from_target(target), vocab  # the target's final norm and output rows to start from
 
 
 def training_prompts(config: OfflineConfig) -> list[Prompt]:

@@ -4,7 +4,7 @@ The learner owns a private copy of the head (the engine's copy keeps drafting wh
 its optimizer and the sample buffer. A round draws ``updates_per_round`` batches from the buffer, takes
 one optimizer step on each (TTT unroll, the configured divergence, per-sample reward weights), and
 publishes the whole head with the next version number; the engine's drafter swaps it in between
-decode steps. The head reads the actor's embedding, final norm and rope tables; a round uses a
+decode steps. The head reads the actor's embedding and rope tables; a round uses a
 ``FrozenTarget`` copy of them taken at a safe point (after the actor's optimizer step), so it can run
 in a thread while the actor trains and generates.
 """
@@ -31,13 +31,13 @@ from .losses import reward_weights
 
 
 class FrozenTarget:
-    """The actor parts the head reads (embedding, final norm, LM head, rope), copied so a background
-    round never reads weights the actor's optimizer is changing (nor sends gradients into them)."""
+    """The actor parts the head reads (embedding, rope, and the LM head of a full-vocabulary head), copied
+    so a background round never reads weights the actor's optimizer is changing (nor sends gradients
+    into them)."""
 
     def __init__(self, actor: DecoderLM, with_head: bool, dtype: torch.dtype = torch.float32) -> None:
         with torch.no_grad():
             self.embed_tokens = actor.embed_tokens.detach().to(dtype, copy=True)
-            self.norm = copy.deepcopy(actor.norm).to(dtype).requires_grad_(False)
             self.head_weight = None
             if with_head:
                 weight = actor.embed_tokens if actor.lm_head is None else actor.lm_head.weight

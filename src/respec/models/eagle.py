@@ -1,36 +1,38 @@
-"""An EAGLE-3-style draft head: one decoder layer over fused target features (Li et al., 2025).
+"""An EAGLE-3 draft head: one decoder layer over fused target features (Li et al., 2025).
 
-For a token at position ``t`` the head takes the target's outputs of three layers (low, middle,
-high) at ``t``, fuses them to one hidden vector, pairs it with the embedding of the next token
-``x_{t+1}`` and predicts ``x_{t+2}`` through the target's own final norm and LM head. When it drafts
-further ahead it has no target features, so it feeds its own output hidden state back in place of
-the fused one; training unrolls exactly that (training-time test) so the head learns from its own
-inputs. An optional reduced draft vocabulary maps a smaller output layer onto target token ids.
+For a token at position ``t`` the head takes the residual stream of three target layers (low,
+middle, high) at ``t``, fuses them to one hidden vector, pairs it with the embedding of the next token
+``x_{t+1}`` and predicts ``x_{t+2}`` through its own final norm and LM head. When it drafts further
+ahead it has no target features, so it feeds its own output hidden state (taken before the final
+norm) back in place of the fused one; training unrolls exactly that (training-time test). A reduced
+draft vocabulary maps a smaller output layer onto target token ids.
 
-The head owns only its own weights; the embedding, final norm, LM head and RoPE tables are the
-target's, read through the target module (so they follow the actor as it trains).
+The embedding and RoPE tables are the target's, read through the target module (so they follow the
+actor as it trains); a head without a reduced vocabulary uses the target's LM head too. The layers
+the features come from are the inference engines' convention (``standard_fuse_layers``), so a head
+trained here drafts in SGLang and vLLM, and theirs here (the checkpoint format: eagle_format.py).
 """
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..utils.atomic import staged_dir
 from .config import ModelConfig
 from .decoder import MLP, DecoderLM, RMSNorm
 from .linear import Linear
 from .rope import apply_rope
 
-EAGLE_ARCHITECTURE = "respec-eagle3"
+
+def standard_fuse_layers(num_layers: int) -> tuple[int, int, int]:
+    """The layers EAGLE-3 engines fuse, as ``DecoderLM`` capture indices: SGLang and vLLM take the
+    residual stream entering layers 2, L // 2 and L - 3 (transformers' ``output_hidden_states[i]``),
+    which is the output of layers 1, L // 2 - 1 and L - 4 (clamped into a small model's range)."""
+    last = num_layers - 1
+    return min(1, last), min(max(num_layers // 2 - 1, 0), last), min(max(num_layers - 4, 0), last)
 
 
 @dataclass(frozen=True)
@@ -43,15 +45,12 @@ class EagleConfig:
     intermediate_size: int
     rms_norm_eps: float
     fuse_layers: tuple[int, int, int]  # target layers whose outputs are fused (low, middle, high)
-    draft_vocab_size: int = 0  # 0 = the target's full vocabulary through its own LM head
+    draft_vocab_size: int = 0  # 0 = the target's full vocabulary through the target's LM head
 
     @classmethod
     def for_target(cls, target: ModelConfig, fuse_layers: tuple[int, int, int] | None = None,
                    draft_vocab_size: int = 0) -> EagleConfig:
-        layers = target.num_layers
-        # EAGLE-3's choice: an early, a middle and a late layer (0-based: 2nd, middle, 3rd from last).
-        fuse = tuple(fuse_layers) if fuse_layers is not None else (
-            min(1, layers - 1), layers // 2 - 1 if layers > 2 else 0, max(0, layers - 3))
+        fuse = tuple(fuse_layers) if fuse_layers is not None else standard_fuse_layers(target.num_layers)
         config = cls(hidden_size=target.hidden_size, vocab_size=target.vocab_size, num_heads=target.num_heads,
                      num_kv_heads=target.num_kv_heads, head_dim=target.head_dim,
                      intermediate_size=target.intermediate_size, rms_norm_eps=target.rms_norm_eps,
@@ -94,6 +93,7 @@ class EagleHead(nn.Module):
         self.o_proj = Linear(self.q_size, dim, dtype=dtype, device=device)
         self.post_attn_norm = RMSNorm(dim, eps, dtype, device)
         self.mlp = MLP(config.as_model_config(), dtype, device)
+        self.norm = RMSNorm(dim, eps, dtype, device)  # before the LM head; the fed-back hidden skips it
         self.draft_head = Linear(dim, config.draft_vocab_size, dtype=dtype, device=device) \
             if config.draft_vocab_size else None
         # Target token id of each draft-vocabulary entry (empty when the full vocabulary is used).
@@ -123,9 +123,17 @@ class EagleHead(nn.Module):
         h = hidden + self.o_proj(out.transpose(1, 2).reshape(batch, steps, self.q_size))
         return h + self.mlp(self.post_attn_norm(h))
 
+    @torch.no_grad()
+    def init_from_target(self, target: DecoderLM) -> EagleHead:
+        """Start the final norm and the draft vocabulary's output rows as the target's own."""
+        self.norm.weight.copy_(target.norm.weight)
+        if self.draft_head is not None:
+            self.draft_head.weight.copy_(target.head_weight[self.draft_to_target.to(target.device)])
+        return self
+
     def head_logits(self, hidden: torch.Tensor, target: DecoderLM) -> torch.Tensor:
         """fp32 logits over the head's own output vocabulary (the reduced one if it has one)."""
-        normed = target.norm(hidden)
+        normed = self.norm(hidden)
         if self.draft_head is None:
             return target.logits(normed)
         return self.draft_head(normed).float()
@@ -137,44 +145,3 @@ class EagleHead(nn.Module):
             return logits
         full = logits.new_full((*logits.shape[:-1], self.config.vocab_size), float("-inf"))
         return full.index_copy_(-1, self.draft_to_target, logits)
-
-    # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, out_dir: str | os.PathLike, extra: dict | None = None) -> Path:
-        """config.json + model.safetensors, written to a staging directory and renamed into place."""
-        out = Path(out_dir)
-        with staged_dir(out) as staging:
-            config = {"architecture": EAGLE_ARCHITECTURE, **asdict(self.config), **(extra or {})}
-            (staging / "config.json").write_text(json.dumps(config, indent=2))
-            tensors = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
-            save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
-        return out
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, target: DecoderLM) -> EagleHead:
-        path = Path(path)
-        config_file, weights = path / "config.json", path / "model.safetensors"
-        if not config_file.is_file() or not weights.is_file():
-            raise ValueError(f"drafter: {path} needs config.json and model.safetensors")
-        raw = json.loads(config_file.read_text())
-        if raw.get("architecture") != EAGLE_ARCHITECTURE:
-            raise ValueError(f"drafter: {config_file} is not an EAGLE head (architecture "
-                             f"{raw.get('architecture')!r}, expected {EAGLE_ARCHITECTURE!r})")
-        fields = EagleConfig.__dataclass_fields__
-        config = EagleConfig(**{k: (tuple(v) if k == "fuse_layers" else v) for k, v in raw.items() if k in fields})
-        config.check_target(target.config)
-        head = cls(config, dtype=target.dtype, device=target.device)
-        try:
-            state = load_file(str(weights))
-        except (SafetensorError, OSError) as err:
-            raise ValueError(f"drafter: cannot read {weights}: {err}") from err
-        expected = head.state_dict()
-        missing = sorted(set(expected) - set(state))
-        if missing:
-            raise ValueError(f"drafter: {weights} lacks {', '.join(missing[:3])}")
-        with torch.no_grad():
-            for name, tensor in expected.items():
-                if tuple(state[name].shape) != tuple(tensor.shape):
-                    raise ValueError(f"drafter: {weights}: {name} has shape {list(state[name].shape)}, "
-                                     f"expected {list(tensor.shape)}")
-                tensor.copy_(state[name])
-        return head.eval()

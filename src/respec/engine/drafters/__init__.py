@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from ...models.decoder import DecoderLM
-from ...models.eagle import EAGLE_ARCHITECTURE
+from ...models.eagle_format import is_eagle_dir
 from .base import Drafter, DraftSampler, DraftState, Proposal, TargetTrace, check_vocab
 from .draft_model import DraftModelDrafter
 from .eagle import EagleDrafter
@@ -32,8 +31,8 @@ def make_drafter(spec: Drafter | str | os.PathLike, target: DecoderLM, tokenizer
     """A drafter from a user's description.
 
     ``"ngram"`` (prompt / sibling / history lookup), ``"self:N"`` (the target's first N layers), a
-    Drafter instance, a directory holding an EAGLE head (``respec drafter train`` writes one), or a
-    path or preset of a draft model with the target's tokenizer.
+    Drafter instance, a directory holding an EAGLE-3 head (``respec drafter train`` writes one, SpecForge
+    trains them), or a path or preset of a draft model with the target's tokenizer.
     """
     if isinstance(spec, Drafter):
         check_vocab(spec.vocab_size, target.config.vocab_size)
@@ -48,7 +47,7 @@ def make_drafter(spec: Drafter | str | os.PathLike, target: DecoderLM, tokenizer
         drafter = DraftModelDrafter.truncated(target, int(layers))
         drafter.name = text
         return drafter
-    if is_eagle_dir(Path(text)):
+    if is_eagle_dir(text):
         return EagleDrafter.from_pretrained(text, target)
     drafter_tokenizer = None
     if tokenizer is not None and Path(text).is_dir() and (Path(text) / "tokenizer.json").exists():
@@ -80,13 +79,3 @@ def make_drafters(specs: Any, target: DecoderLM, tokenizer: Any = None) -> dict[
     if not named:
         raise ValueError("drafter: empty list; give at least one drafter or None")
     return named
-
-
-def is_eagle_dir(path: Path) -> bool:
-    config = path / "config.json"
-    if not config.is_file():
-        return False
-    try:
-        return json.loads(config.read_text()).get("architecture") == EAGLE_ARCHITECTURE
-    except (json.JSONDecodeError, AttributeError):
-        return False

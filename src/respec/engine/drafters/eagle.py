@@ -28,6 +28,7 @@ import torch
 
 from ...models.decoder import DecoderLM, ForwardContext, write_and_read_cache
 from ...models.eagle import EagleHead
+from ...models.eagle_format import load_eagle_head
 from ..cache import KVCache
 from ..transfer import to_device
 from .base import Drafter, DraftSampler, DraftState, Proposal, TargetTrace
@@ -57,7 +58,7 @@ class EagleDrafter(Drafter):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, target: DecoderLM) -> EagleDrafter:
-        return cls(EagleHead.from_pretrained(path, target), target)
+        return cls(load_eagle_head(path, target), target)
 
     def learnable(self) -> EagleHead:
         return self.head
