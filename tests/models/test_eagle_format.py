@@ -255,7 +255,7 @@ def test_an_inconsistent_vocabulary_map_is_refused_and_nothing_is_written(target
     (lambda s: s.update(t2d=torch.zeros_like(s["t2d"])), "inconsistent vocabulary map"),
 ])
 def test_a_damaged_checkpoint_is_refused_naming_the_problem(target, tmp_path, damage, message):
-    state, config = contract_checkpoint(target, tmp_path / "head")
+    state, _config = contract_checkpoint(target, tmp_path / "head")
     damage(state)
     save_file(state, str(tmp_path / "head" / "model.safetensors"))
     with pytest.raises(ValueError, match=message):

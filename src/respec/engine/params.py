@@ -11,8 +11,9 @@ class SamplingParams:
     """How to sample one prompt's completions (names follow vLLM).
 
     ``temperature == 0`` is greedy decoding. ``top_k == 0`` and ``top_p == 1`` switch those filters
-    off. ``seed`` makes a request reproducible whatever else shares the batch; sample ``i`` of ``n``
-    uses its own stream derived from it.
+    off. ``seed`` makes a request reproducible whatever else shares the batch (given the same drafts:
+    drafter state and the adaptive k change which sample is drawn, not its distribution); sample ``i``
+    of ``n`` uses its own stream derived from it.
     """
 
     n: int = 1

@@ -1,0 +1,1 @@
+"""Adapters to other stacks: ReSpec as TRL's rollout backend."""
