@@ -53,6 +53,9 @@ def test_two_grpo_steps_run_update_the_policy_and_keep_the_engine_in_step(tiny_l
     assert changed  # the policy learned
     assert rollout.weight_version == 2 and rollout.synced_step == 1  # synced before each step's rollout
     assert rollout.llm.stats.spec.verify_steps > 0  # and it speculated
+    (name,) = rollout.llm.drafters
+    assert rollout.last_stats[f"respec/drafter_version/{name}"] == 0  # nothing retrained it:
+    assert rollout.last_stats[f"respec/target_version_gap/{name}"] == 1  # the policy moved one step past it
     rollout.sync(trainer)  # the trainer stepped past the last rollout: the engine catches up
     assert engine_equals_policy(rollout, trainer)
 

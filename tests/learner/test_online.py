@@ -287,7 +287,7 @@ def test_worker_publishes_and_a_failing_learner_never_stops_rollouts(target_llm,
     assert learner.version == 1 and worker.error is None
     assert learner.drafter.swap_if_newer() and learner.drafter.version == 1
     metrics = worker.metrics(1)
-    assert metrics["drafter/version"] == 1 and metrics["drafter/lag_steps"] == 1 and "drafter/kd_loss" in metrics
+    assert metrics["drafter/version"] == 1 and metrics["drafter/target_version_gap"] == 1 and "drafter/kd_loss" in metrics
 
     def broken(*args, **kwargs):
         raise RuntimeError("learner exploded")

@@ -44,6 +44,7 @@ class RespecRollout:
         self.synced_step: int | None = None  # the trainer step whose weights the engine holds (None: as loaded)
         self.weight_version = 0  # weight syncs so far
         self.last_stats: dict[str, float] = {}
+        self._drafter_seen: dict[str, tuple[int, int]] = {}  # name -> (drafter version, trainer step it appeared)
 
     def __call__(self, prompts: list, trainer: Any) -> dict[str, list]:
         self.sync(trainer)
@@ -92,11 +93,18 @@ class RespecRollout:
         self.weight_version += 1
 
     def _stats(self) -> dict[str, float]:
-        """The rollout's speculative figures and the drafters' versions against the weights'."""
+        """The rollout's speculative figures and, per drafter, its version and ``target_version_gap``: the
+        trainer steps since that drafter version first drafted (how far the policy moved past it)."""
         spec = self.llm.stats.spec
+        step = self.synced_step or 0
         out = {"respec/weight_version": float(self.weight_version), "respec/accept_len": spec.accept_len}
         for name, drafter in self.llm.drafters.items():
-            out[f"respec/drafter_version/{name}"] = float(drafter.version)
+            version, since = self._drafter_seen.get(name, (None, step))
+            if version != drafter.version:
+                version, since = drafter.version, step
+                self._drafter_seen[name] = (version, since)
+            out[f"respec/drafter_version/{name}"] = float(version)
+            out[f"respec/target_version_gap/{name}"] = float(step - since)
         return out
 
 

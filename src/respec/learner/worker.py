@@ -156,14 +156,15 @@ class LearnerWorker:
 
     # ------------------------------------------------------------------ metrics
     def metrics(self, step: int) -> dict[str, float]:
-        """``drafter/*`` for the step just taken (``step`` = steps completed so far). ``lag_steps``: actor
-        updates since the rollout whose samples the drafter in use last learned from."""
+        """``drafter/*`` for the step just taken (``step`` = steps completed so far).
+        ``target_version_gap``: actor updates since the rollout whose samples the drafter in use last
+        learned from."""
         learner, drafter = self.learner, self.learner.drafter
         in_use = drafter.version
         trained_on = learner.version_step.get(in_use, 0)
         out = {"drafter/version": float(in_use), "drafter/published": float(learner.version),
                "drafter/updates": float(learner.updates), "drafter/train_time_s": learner.train_time_s,
-               "drafter/wait_s": self.wait_s, "drafter/lag_steps": float(step - trained_on),
+               "drafter/wait_s": self.wait_s, "drafter/target_version_gap": float(step - trained_on),
                "drafter/buffer_tokens": float(learner.buffer.num_tokens), "drafter/error": float(self.error is not None)}
         if self.rounds:
             last = self.rounds[-1]
