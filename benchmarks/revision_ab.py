@@ -131,7 +131,8 @@ def main() -> None:
             print(outputs["A"][0])
         print(f"outputs of {args.a} and {args.b} identical in every repeat: {same}")
     else:
-        result = {"rows": compare_bench(outputs)}
+        result = {"rows": compare_bench(outputs),
+                  "per_repeat": {side: [rates(run) for run in runs] for side, runs in outputs.items()}}
         print(f"{'row':<44}{'A tok/s':>9}{'B tok/s':>9}{'B/A':>7}{'A spread':>10}")
         for row in result["rows"]:
             spread = f"{row['a_repeat_spread']:.1%}" if row["a_repeat_spread"] is not None else "-"

@@ -13,6 +13,7 @@ before the model loads must not reach it). ``revision_ab.checkout`` provides the
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -59,9 +60,10 @@ def outcome(code: int, out: str, err: str, seconds: float) -> dict:
             "warnings": warned}
 
 
-def checksums(directory: Path) -> dict[str, int]:
-    return {str(f.relative_to(directory)): f.stat().st_size for f in sorted(directory.rglob("*"))
-            if f.is_file() and f.name != ".lock"}
+def checksums(directory: Path, pattern: str = "*") -> dict[str, str]:
+    """sha256 of every file under ``directory`` matching ``pattern`` (the lock file aside)."""
+    return {str(f.relative_to(directory)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(directory.rglob(pattern)) if f.is_file() and f.name != ".lock"}
 
 
 def probes(p: Probe) -> dict[str, dict]:
@@ -82,6 +84,10 @@ def probes(p: Probe) -> dict[str, dict]:
     metrics = p.work / "B" / "metrics.jsonl"
     second["metrics steps in out_dir"] = [json.loads(line).get("step") for line in metrics.read_text().splitlines()
                                           if line.strip()] if metrics.is_file() else None
+    p.respec("train", *S, "steps=3", "out_dir=B-alone")  # the same run with nobody interfering
+    weights = checksums(p.work / "B", "*.safetensors")
+    second["checkpoint weights as in a run alone (sha256)"] = bool(weights) and weights == checksums(
+        p.work / "B-alone", "*.safetensors")
     results["2. two concurrent runs on one out_dir"] = second
 
     for name, override in (("3a. optim.lr=inf", "optim.lr=inf"), ("3b. rollout.temperature=.inf",
