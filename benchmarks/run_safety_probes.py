@@ -66,6 +66,12 @@ def checksums(directory: Path, pattern: str = "*") -> dict[str, str]:
             for f in sorted(directory.rglob(pattern)) if f.is_file() and f.name != ".lock"}
 
 
+def wait_for(path: Path, seconds: float = 120.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.is_file() and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def probes(p: Probe) -> dict[str, dict]:
     """Each fault and bad input, with the tiny settings on the revision's own arithmetic config."""
     S = ["--config", str(p.src.parent / "configs" / "smollm2-arith.yaml"), *SETTINGS]  # noqa: N806
@@ -77,7 +83,7 @@ def probes(p: Probe) -> dict[str, dict]:
     results["1. fresh run into an existing out_dir"] = r
 
     first = p.respec("train", *S, "steps=3", "out_dir=B", wait=False)
-    time.sleep(12)  # the first run is past its model load and writing
+    wait_for(p.work / "B" / "metrics.jsonl")  # the first run has written its first step and goes on
     second = p.respec("train", *S, "steps=3", "seed=2", "out_dir=B")
     _, first_err = first.communicate()
     second["first run"] = outcome(first.returncode, "", first_err, 0.0)["stderr_last"] or f"exit {first.returncode}"
