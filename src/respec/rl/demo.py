@@ -36,15 +36,15 @@ def run_demo(model: str = "smollm2-135m", extra: list[str] | None = None) -> int
     report = make_report(config.out_dir)
     _, tau = series(rows, "sd/accept_len")
     _, sd_time = series(rows, "rollout/time_s")
-    paired = [(r["rollout/time_s"], r["rollout/ar_time_s"]) for r in rows if r.get("rollout/ar_time_s")]
+    paired = [(r["step"], r["rollout/time_s"], r["rollout/ar_time_s"]) for r in rows if r.get("rollout/ar_time_s")]
     print("\n=== ReSpec demo ===")
     print(f"eval accuracy:        {summary.get('eval/accuracy_before', float('nan')):.3f} before -> "
           f"{summary.get('eval/accuracy', float('nan')):.3f} after {config.steps} steps")
     print(f"mean acceptance len:  {sum(tau) / len(tau):.2f} tokens per verify step" if tau else
           "mean acceptance len:  - (the controller kept speculation off)")
     print(f"rollout per step:     {sum(sd_time) / len(sd_time):.1f} s (speculative, mean over the run)")
-    for sd, ar in paired:
-        print(f"  same prompts, one step: speculative {sd:.1f} s vs autoregressive {ar:.1f} s ({ar / sd:.2f}x)")
+    for step, sd, ar in paired:
+        print(f"  step {step}, same prompts: speculative {sd:.1f} s vs autoregressive {ar:.1f} s ({ar / sd:.2f}x)")
     phases = {p: series(rows, f"timing_s/{p}")[1] for p in ("rollout", "reward", "update", "drafter")}
     print("time per RL step:     " + ", ".join(f"{p} {sum(v) / len(v):.1f} s" for p, v in phases.items() if v))
     print(f"plots and summary:    {report}/ (respec report {config.out_dir})")
