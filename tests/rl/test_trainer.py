@@ -211,6 +211,9 @@ def test_demo_runs_end_to_end_on_the_tiny_model(tiny_llama, tmp_path, capsys):
                                "rollout.drafters=[ngram, self:1]", "eval_every=2"])
     printed = capsys.readouterr().out
     assert "eval accuracy:" in printed and "autoregressive" in printed and "plots and summary" in printed
+    lines = [line for line in printed.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["0/2", "1/2", "2/2"]  # a line per RL step, after the first eval
+    assert all(f in lines[1] for f in ("reward", "rollout", "update", "drafter", "eta")) and "eval" in lines[2]
     for name in ("reward.png", "eval_accuracy.png", "accept_len.png", "rollout_time.png", "time_split.png",
                  "summary.md"):
         assert (tmp_path / "demo" / "report" / name).is_file(), name

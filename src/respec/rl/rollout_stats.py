@@ -22,6 +22,9 @@ def spec_delta(llm: LLM, before: tuple, seconds: float, rows: int) -> dict[str, 
     arms = {a: n - before[7].get(a, 0) for a, n in s.arm_steps.items()}
     sd_steps = {a: n for a, n in arms.items() if n and a != "off"}
     out["sd/enabled_frac"] = sum(sd_steps.values()) / decode_steps if decode_steps else 0.0
+    for arm, n in arms.items():
+        if n and decode_steps:
+            out[f"sd/arm_frac/{arm}"] = n / decode_steps  # the decode steps the controller gave this arm
     if steps:
         out["sd/accept_len"] = emitted / steps
         out["sd/accept_rate"] = accepted / drafted if drafted else 0.0

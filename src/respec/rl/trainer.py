@@ -37,6 +37,7 @@ from .config import TaskConfig, TrainConfig, save_config
 from .grpo import group_advantages
 from .learner_hooks import make_online_learner, skipped_rows_filter
 from .metrics import MetricsWriter
+from .progress import step_line
 from .rewards import RewardFn, combine, correctness_reward
 from .rollout_stats import spec_delta, spec_snapshot
 from .rundir import RunDirectory
@@ -75,6 +76,7 @@ class Trainer:
         checkpoint and the steps are checked before the model loads."""
         self.config = config.validate()
         self.run_dir = Path(config.out_dir)
+        self.progress = False  # train(progress=True): step lines and phase bars
         resume = resume or resume_from is not None
         self.directory = directory or RunDirectory(self.run_dir).open(
             config.to_dict(), resume=resume, overwrite=overwrite, allow_config_change=allow_config_change)
@@ -158,7 +160,7 @@ class Trainer:
         params = [self.sampling_params(step, i) for i in range(len(problems))]
         before = spec_snapshot(llm)
         start = time.perf_counter()
-        outputs = llm.generate(prompts, params, progress=False)
+        outputs = llm.generate(prompts, params, progress=self.progress)
         seconds = time.perf_counter() - start
         return outputs, seconds, spec_delta(llm, before, seconds, len(problems) * self.config.rollout.group_size)
 
@@ -185,7 +187,7 @@ class Trainer:
         t0 = time.perf_counter()
         try:
             update = grpo_update(self.actor, self.optimizer, self.scheduler, self.config, _update_batch(rollout),
-                                 self.reference, self._capture(rollout))
+                                 self.reference, self._capture(rollout), progress=self.progress)
         except FloatingPointError as err:
             raise ValueError(f"step {self.step + 1}: {err}. Likely cause: a learning rate too large for this "
                              f"model (optim.lr = {self.config.optim.lr:g}); the run stopped and its newest "
@@ -258,31 +260,38 @@ class Trainer:
     def evaluate(self) -> float:
         prompts = [self.encode(p) for p in self.eval_set]
         params = SamplingParams(temperature=0, max_new_tokens=self.config.eval_max_new_tokens)
-        outputs = self.llm.generate(prompts, params, progress=False)
+        outputs = self.llm.generate(prompts, params, progress=self.progress)
         texts = [o.samples[0].text for o in outputs]
         return float(np.mean(correctness_reward(texts, [p.answer for p in self.eval_set])))
 
     # ------------------------------------------------------------------ the loop
     def train(self, progress: bool = True) -> dict[str, float]:
+        """Run to ``config.steps``. ``progress``: a line per step (``progress.step_line``) and a bar
+        inside each long phase (generation, the update's micro-batches)."""
         config, summary = self.config, {}
+        self.progress = progress
         try:
             if self.step == 0 and config.eval_every:
                 summary["eval/accuracy_before"] = self._log_eval()
-            bar = tqdm(total=config.steps, initial=self.step, desc="train", disable=not progress)
+                self._say(f"step 0/{config.steps}  eval {summary['eval/accuracy_before']:.2f}")
+            start, first = time.perf_counter(), self.step
             while self.step < config.steps:
                 metrics = self.train_step()
                 self.metrics.log(self.step, metrics)
-                bar.update(1)
-                bar.set_postfix(reward=f"{metrics['train/reward']:.2f}", tau=f"{metrics.get('sd/accept_len', 0):.2f}")
-                last = self.step == config.steps
+                last, accuracy = self.step == config.steps, None
                 if config.eval_every and (self.step % config.eval_every == 0 or last):
-                    summary["eval/accuracy"] = self._log_eval()
+                    accuracy = summary["eval/accuracy"] = self._log_eval()
                 if (config.checkpoint_every and self.step % config.checkpoint_every == 0) or last:
                     self.save()
-            bar.close()
+                per_step = (time.perf_counter() - start) / (self.step - first)
+                self._say(step_line(self.step, config.steps, metrics, accuracy, per_step * (config.steps - self.step)))
         finally:
             self.close()
         return summary
+
+    def _say(self, line: str) -> None:
+        if self.progress:
+            tqdm.write(line)
 
     def close(self) -> None:
         """Stop the learner's thread (after its last round), flush the metrics, release the directory."""

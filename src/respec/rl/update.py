@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from ..engine.sampling import processed_logprobs_steps, uniform_row_params
 from ..models.decoder import DecoderLM
@@ -98,10 +99,11 @@ def sequence_logprobs(model: DecoderLM, micro: MicroBatch, config: TrainConfig, 
 
 def grpo_update(model: DecoderLM, optimizer: torch.optim.Optimizer, scheduler, config: TrainConfig,
                 batch: UpdateBatch, reference: DecoderLM | None = None,
-                capture: Capture | None = None) -> dict[str, float]:
+                capture: Capture | None = None, progress: bool = False) -> dict[str, float]:
     """Accumulate the loss over micro-batches, clip, step. Rows with zero advantage carry no policy
     gradient and are skipped unless a KL term needs them; the token normaliser still counts them.
-    ``capture`` hands the forward's features and logits to the online learner."""
+    ``capture`` hands the forward's features and logits to the online learner; ``progress`` shows a
+    bar over the micro-batches."""
     o = config.optim
     device = model.device
     total_tokens = float(sum(len(t) for t in batch.token_ids))
@@ -110,7 +112,8 @@ def grpo_update(model: DecoderLM, optimizer: torch.optim.Optimizer, scheduler, c
     sums = {"loss": 0.0, "clip": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0.0}
     diffs: list[torch.Tensor] = []
     optimizer.zero_grad(set_to_none=True)
-    for start in range(0, len(wanted), o.micro_batch_size):
+    starts = range(0, len(wanted), o.micro_batch_size)
+    for start in tqdm(starts, desc="update", unit="micro-batch", leave=False, disable=not progress or len(starts) < 2):
         micro = make_micro_batch(batch, wanted[start: start + o.micro_batch_size], device)
         logprobs, entropy = sequence_logprobs(model, micro, config, with_entropy=True, capture=capture)
         ref = None
