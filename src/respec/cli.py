@@ -286,7 +286,8 @@ def _add_drafter(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--draft-vocab-size", type=int, default=4096, help="0 = the full vocabulary")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--examples", default=None,
-                       help="answers file (JSONL): read when it exists, else written after generating")
+                       help="answers file (JSONL): read when it exists, else written after generating; "
+                            "several, comma-separated, are read whole and interleaved")
     train.add_argument("--init-from", default=None,
                        help="continue training this saved head (keeps its draft vocabulary)")
     train.add_argument("--held-out", type=float, default=0.1,

@@ -10,7 +10,7 @@ import torch
 
 from respec.engine.llm import LLM
 from respec.learner import offline
-from respec.learner.answers import ANSWERS_FORMAT, Example, load_answers, save_answers
+from respec.learner.answers import ANSWERS_FORMAT, Example, load_answer_files, load_answers, save_answers
 from respec.learner.config import OfflineConfig
 from respec.learner.offline import run_offline
 from respec.models.eagle_format import load_eagle_head
@@ -80,6 +80,25 @@ def test_answer_files_round_trip(tmp_path):
     assert header["model"] == "m"
     assert [(ex.tokens.tolist(), ex.prompt_len) for ex in loaded] == [([1, 2, 3, 4], 2), ([5, 6, 7], 1)]
     assert len(load_answers(tmp_path / "a.jsonl", 1, vocab_size=10)[0]) == 1
+
+
+def test_several_answer_files_are_read_whole_and_interleaved(tiny_llm, tiny_llama, tmp_path):
+    a = [Example(torch.tensor([1, 2, 3]), 1), Example(torch.tensor([1, 4, 5]), 1), Example(torch.tensor([1, 6]), 1)]
+    b = [Example(torch.tensor([7, 8, 9]), 2)]
+    save_answers(tmp_path / "a.jsonl", a, {"model": "m", "vocab_size": 10})
+    save_answers(tmp_path / "b.jsonl", b, {"model": "m", "vocab_size": 10})
+    merged = load_answer_files([tmp_path / "a.jsonl", tmp_path / "b.jsonl"], vocab_size=10)
+    assert [ex.tokens.tolist() for ex in merged] == [[1, 2, 3], [7, 8, 9], [1, 4, 5], [1, 6]]  # a, b, a, a
+    vocab = tiny_llm.model.config.vocab_size
+    for name in ("a", "b"):
+        _write(tmp_path / f"{name}-tiny.jsonl", {"format": ANSWERS_FORMAT, "vocab_size": vocab},
+               [json.dumps({"tokens": [1, 2, 3, 4, 5, 6], "prompt_len": 2})] * 3)
+    out = run_offline(_config(tiny_llama, tmp_path, examples=f"{tmp_path}/a-tiny.jsonl,{tmp_path}/b-tiny.jsonl"),
+                      llm=tiny_llm)  # num_prompts 5 is not used: all 6 answers train the head
+    assert load_eagle_head(out, tiny_llm.model) is not None
+    with pytest.raises(ValueError, match="^examples: .*nope.jsonl not found; several answers files are read"):
+        run_offline(_config(tiny_llama, tmp_path, examples=f"{tmp_path}/a-tiny.jsonl,{tmp_path}/nope.jsonl"),
+                    llm=tiny_llm)
 
 
 @pytest.mark.parametrize("header,rows,count,message", [

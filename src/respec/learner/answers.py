@@ -2,7 +2,8 @@
 
 Generating the answers is most of the cost of training a head offline (an hour for 2k GSM8K
 answers on 2 CPU cores), so ``--examples FILE`` keeps them: the first run writes them, later runs
-(more epochs, another learning rate, ``--init-from`` a saved head) read them back. The file is JSON
+(more epochs, another learning rate, ``--init-from`` a saved head) read them back, and several files
+(``--examples a.jsonl,b.jsonl``: say GSM8K and arithmetic answers) train one head. The file is JSON
 lines: a header naming the model, its vocabulary size and the sampling settings, then one answer per
 line (prompt + response token ids and the prompt length).
 """
@@ -36,8 +37,8 @@ def save_answers(path: str | os.PathLike, examples: list[Example], header: dict)
     write_text_atomic(path, "\n".join(lines) + "\n")
 
 
-def load_answers(path: str | os.PathLike, count: int, vocab_size: int) -> tuple[list[Example], dict]:
-    """The first ``count`` answers of a file written by ``save_answers`` for a target whose
+def load_answers(path: str | os.PathLike, count: int | None, vocab_size: int) -> tuple[list[Example], dict]:
+    """The first ``count`` answers (None: all) of a file written by ``save_answers`` for a target whose
     vocabulary has ``vocab_size`` tokens, and the file's header."""
     path = Path(path)
     lines = path.read_text().splitlines()
@@ -49,6 +50,7 @@ def load_answers(path: str | os.PathLike, count: int, vocab_size: int) -> tuple[
         raise ValueError(f"examples: {path} was generated with a vocabulary of {header.get('vocab_size')} tokens, "
                          f"the target has {vocab_size}")
     rows = [line for line in lines[1:] if line.strip()]
+    count = len(rows) if count is None else count
     if len(rows) < count:
         raise ValueError(f"examples: {path} holds {len(rows)} answers, num_prompts asks for {count}")
     examples = []
@@ -71,3 +73,13 @@ def _parse(path: Path, number: int, line: str) -> dict:
     if not isinstance(value, dict):
         raise ValueError(f"examples: {path} line {number}: expected a JSON object")
     return value
+
+
+def load_answer_files(paths: list[Path], vocab_size: int) -> list[Example]:
+    """Every answer of each file, interleaved (one of each in turn), so that the first answers, the
+    held-out share, come from every file."""
+    sources = [load_answers(path, None, vocab_size)[0] for path in paths]
+    merged = []
+    for index in range(max(len(source) for source in sources)):
+        merged += [source[index] for source in sources if index < len(source)]
+    return merged
