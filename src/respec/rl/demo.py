@@ -42,6 +42,8 @@ def run_demo(model: str = "smollm2-135m", extra: list[str] | None = None) -> int
           f"{summary.get('eval/accuracy', float('nan')):.3f} after {config.steps} steps")
     print(f"mean acceptance len:  {sum(tau) / len(tau):.2f} tokens per verify step" if tau else
           "mean acceptance len:  - (the controller kept speculation off)")
+    for line in drafter_lines(trainer.llm.stats.spec.by_version, rows):
+        print(line)
     print(f"rollout per step:     {sum(sd_time) / len(sd_time):.1f} s (speculative, mean over the run)")
     for step, sd, ar in paired:
         print(f"  step {step}, same prompts: speculative {sd:.1f} s vs autoregressive {ar:.1f} s ({ar / sd:.2f}x)")
@@ -50,3 +52,20 @@ def run_demo(model: str = "smollm2-135m", extra: list[str] | None = None) -> int
     print(f"plots and summary:    {report}/ (respec report {config.out_dir})")
     print(f"total demo time:      {time.perf_counter() - started:.0f} s")
     return 0
+
+
+def drafter_lines(by_version: dict[str, list[int]], rows: list[dict]) -> list[str]:
+    """Per drafter: the acceptance length of each weights version that drafted ("eagle@v3"), and the
+    versions the online learner published."""
+    lines = []
+    for name in dict.fromkeys(key.split("@")[0] for key in by_version):
+        versions = sorted((int(key.split("@v")[1]), counts) for key, counts in by_version.items()
+                          if key.startswith(f"{name}@v"))
+        taus = " ".join(f"v{v} {c[3] / c[0]:.2f}" for v, c in versions if c[0])
+        lines.append(f"{name + ' acceptance:':<22}{taus} (tokens per verify step, by weights version)")
+    _, published = series(rows, "drafter/published")
+    if published:
+        lines.append(f"online learner:       {int(published[-1])} head versions published, "
+                     f"drafting lagged the actor by {max(series(rows, 'drafter/target_version_gap')[1], default=0):.0f} "
+                     f"steps at most")
+    return lines

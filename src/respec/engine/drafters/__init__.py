@@ -8,6 +8,7 @@ from typing import Any
 
 from ...models.decoder import DecoderLM
 from ...models.eagle_format import is_eagle_dir
+from ...models.presets import drafter_preset_path
 from .base import Drafter, DraftSampler, DraftState, Proposal, TargetTrace, check_vocab
 from .draft_model import DraftModelDrafter
 from .eagle import EagleDrafter
@@ -31,8 +32,9 @@ def make_drafter(spec: Drafter | str | os.PathLike, target: DecoderLM, tokenizer
     """A drafter from a user's description.
 
     ``"ngram"`` (prompt / sibling / history lookup), ``"self:N"`` (the target's first N layers), a
-    Drafter instance, a directory holding an EAGLE-3 head (``respec drafter train`` writes one, SpecForge
-    trains them), or a path or preset of a draft model with the target's tokenizer.
+    Drafter instance, a drafter preset (``"smollm2-135m-eagle3"``: a head shipped with ReSpec), a
+    directory holding an EAGLE-3 head (``respec drafter train`` writes one, SpecForge trains them), or a
+    path or preset of a draft model with the target's tokenizer.
     """
     if isinstance(spec, Drafter):
         check_vocab(spec.vocab_size, target.config.vocab_size)
@@ -47,8 +49,9 @@ def make_drafter(spec: Drafter | str | os.PathLike, target: DecoderLM, tokenizer
         drafter = DraftModelDrafter.truncated(target, int(layers))
         drafter.name = text
         return drafter
-    if is_eagle_dir(text):
-        return EagleDrafter.from_pretrained(text, target)
+    preset = drafter_preset_path(text)
+    if preset is not None or is_eagle_dir(text):
+        return EagleDrafter.from_pretrained(str(preset or text), target)
     drafter_tokenizer = None
     if tokenizer is not None and Path(text).is_dir() and (Path(text) / "tokenizer.json").exists():
         from transformers import AutoTokenizer
