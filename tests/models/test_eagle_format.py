@@ -270,6 +270,14 @@ def test_a_head_for_another_target_is_refused(target, tmp_path):
         (tmp_path / "head" / "config.json").write_text(json.dumps({**config, key: value}))
         with pytest.raises(ValueError, match=message):
             load_eagle_head(tmp_path / "head", target)
+    # Same width and vocabulary, another depth: the taps would be other layers of another model.
+    save_eagle_head(reduced_head(target), tmp_path / "ours", target)
+    config = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert config["respec"]["target"]["num_layers"] == target.config.num_layers
+    config["respec"]["target"]["num_layers"] += 4
+    (tmp_path / "ours" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"^drafter: trained on the features of a {target.config.num_layers + 4}-layer"):
+        load_eagle_head(tmp_path / "ours", target)
 
 
 def test_an_older_respec_head_still_loads(target, tmp_path):

@@ -92,8 +92,10 @@ def save_eagle_head(head: EagleHead, out_dir: str | os.PathLike, target: Decoder
     ``extra`` goes into config.json under ``respec``. Nothing is written when a check fails."""
     dtype = dtype or next(head.parameters()).dtype
     config = eagle3_config(head, target, dtype)
-    if extra:
-        config["respec"] = extra
+    # The contract does not name the taps (engines derive them from the target's depth): the depth
+    # trained on is kept, so a head is never fed another target's layers without a word.
+    config["respec"] = {"target": {"num_layers": target.config.num_layers, "hidden_size": target.config.hidden_size,
+                                   "vocab_size": target.config.vocab_size}, **(extra or {})}
     tensors = {name: t.to(dtype) if t.is_floating_point() else t for name, t in standard_state(head, target).items()}
     out = Path(out_dir)
     with staged_dir(out) as staging:
@@ -146,6 +148,13 @@ def _config_from_standard(raw: dict, target: DecoderLM) -> EagleConfig:
     if raw.get("target_hidden_size") not in (None, target.config.hidden_size):
         raise ValueError(f"drafter: target_hidden_size {raw['target_hidden_size']} differs from the target's "
                          f"{target.config.hidden_size} (a head that projects the embedding is not supported)")
+    trained_for = (raw.get("respec") or {}).get("target") or {}
+    layers = trained_for.get("num_layers")
+    if layers is not None and layers != target.config.num_layers:
+        raise ValueError(f"drafter: trained on the features of a {layers}-layer target (layers "
+                         f"{standard_fuse_layers(layers)}); this target has {target.config.num_layers} layers "
+                         f"(layers {standard_fuse_layers(target.config.num_layers)}): a head drafts for the target "
+                         f"it was trained on")
     vocab, draft_vocab = field("vocab_size"), raw.get("draft_vocab_size") or field("vocab_size")
     config = EagleConfig(hidden_size=field("hidden_size"), vocab_size=vocab, num_heads=field("num_attention_heads"),
                          num_kv_heads=raw.get("num_key_value_heads") or field("num_attention_heads"),
