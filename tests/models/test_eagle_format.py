@@ -306,3 +306,17 @@ def test_the_features_are_the_residual_stream_the_engines_tap(tmp_path):
         hf = AutoModelForCausalLM.from_pretrained(path).eval()(ids, output_hidden_states=True).hidden_states
     for tap, hf_index in zip(taps, (2, 8 // 2, 8 - 3)):
         torch.testing.assert_close(ours[tap], hf[hf_index], rtol=1e-4, atol=1e-5)
+
+
+def test_a_drafter_preset_loads_by_name_and_an_incomplete_one_is_named(target, tmp_path, monkeypatch):
+    from respec.engine.drafters import make_drafter
+    from respec.models import presets
+
+    save_eagle_head(reduced_head(target), tmp_path / "heads" / "tiny-eagle3", target)
+    monkeypatch.setattr(presets, "HEADS_DIR", tmp_path / "heads")
+    monkeypatch.setitem(presets.DRAFTER_PRESETS, "tiny-eagle3", presets.DrafterPreset("tiny-eagle3", "tiny"))
+    drafter = make_drafter("tiny-eagle3", target)
+    assert drafter.name == "eagle" and drafter.head.config.draft_vocab_size == reduced_head(target).config.draft_vocab_size
+    (tmp_path / "heads" / "tiny-eagle3" / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="^drafter: preset 'tiny-eagle3': .* is incomplete; reinstall respec"):
+        make_drafter("tiny-eagle3", target)
