@@ -65,7 +65,7 @@ def vllm_side(args: argparse.Namespace) -> dict:
 def respec_side(args: argparse.Namespace, prompts: list[list[int]]) -> dict:
     from respec import LLM, SamplingParams
 
-    llm = LLM(args.model, drafter=args.head, speculative=args.k)
+    llm = LLM(args.model, drafter=args.head, speculative=args.k, device="cpu", dtype="float32")
     start = time.perf_counter()
     outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens), progress=False)
     return {"engine": "respec", "accept_len": llm.stats.spec.accept_len, "seconds": time.perf_counter() - start,
@@ -105,7 +105,8 @@ def main() -> None:
         if "error" in r:
             print(f"{side:<8} failed: {r['error']}")
         elif r:
-            print(f"{side:<8}{r['accept_len'] or 0:>11.2f}{r['seconds']:>9.1f}")
+            tau = f"{r['accept_len']:.2f}" if r.get("accept_len") else "n/a"
+            print(f"{side:<8}{tau:>11}{r['seconds']:>9.1f}")
     if "token_ids" in result.get("vllm", {}):
         same = sum(a == b for a, b in zip(ours["token_ids"], result["vllm"]["token_ids"]))
         print(f"greedy outputs identical for {same} of {len(prompts)} prompts (fp32 in both; kernels differ)")

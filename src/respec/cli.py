@@ -287,7 +287,7 @@ def _add_drafter(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--examples", default=None,
                        help="answers file (JSONL): read when it exists, else written after generating; "
-                            "several, comma-separated, are read whole and interleaved")
+                            "several, comma-separated, are read whole and merged (each gives the same held-out share)")
     train.add_argument("--init-from", default=None,
                        help="continue training this saved head (keeps its draft vocabulary)")
     train.add_argument("--held-out", type=float, default=0.1,

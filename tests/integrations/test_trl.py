@@ -58,6 +58,8 @@ def test_two_grpo_steps_run_update_the_policy_and_keep_the_engine_in_step(tiny_l
     assert rollout.last_stats[f"respec/target_version_gap/{name}"] == 1  # the policy moved one step past it
     rollout.sync(trainer)  # the trainer stepped past the last rollout: the engine catches up
     assert engine_equals_policy(rollout, trainer)
+    ids = rollout(seen[-1], trainer)["prompt_ids"]
+    assert ids == [list(x) for x in trainer._tokenize_prompts(seen[-1])[0]]  # the prompt ids TRL itself builds
 
 
 def test_prompts_repeated_by_trl_share_one_prefill_and_come_back_in_order(tiny_llama):
@@ -128,6 +130,29 @@ def test_a_lagging_engine_is_resynced_and_a_policy_of_another_shape_refused(tiny
     trainer.model.resize_token_embeddings(trainer.model.config.vocab_size + 8)
     trainer.state.global_step = 2
     with pytest.raises(ValueError, match="^sync: the trainer's model has vocab_size"):
+        rollout(PROMPTS[:1], trainer)
+
+
+def test_settings_the_engine_does_not_apply_are_refused_and_top_k_off_is_zero(tiny_llama):
+    from types import SimpleNamespace
+
+    from respec.integrations.trl import sampling_settings
+
+    base = dict(temperature=0.7, top_p=None, top_k=-1, max_completion_length=8, min_p=None, repetition_penalty=1.0,
+                args=SimpleNamespace(generation_kwargs=None), eos_token_ids=[2])
+    assert sampling_settings(SimpleNamespace(**base)) == {"temperature": 0.7, "top_p": 1.0, "top_k": 0,
+                                                          "max_new_tokens": 8, "stop_token_ids": [2]}
+    for change, message in (({"min_p": 0.1}, "^min_p: not applied"), ({"repetition_penalty": 1.2}, "^repetition_penalty"),
+                            ({"args": SimpleNamespace(generation_kwargs={"a": 1})}, "^generation_kwargs"),
+                            ({"max_completion_length": None}, "^max_completion_length: set it"),
+                            ({"temperature": -1.0}, "^temperature: must be >= 0")):
+        with pytest.raises(ValueError, match=message):
+            sampling_settings(SimpleNamespace(**{**base, **change}))
+    rollout = RespecRollout(str(tiny_llama))
+    trainer = _FakeTrainer(rollout)
+    trainer.model = SimpleNamespace(peft_config={"default": None})
+    trainer.state.global_step = 1
+    with pytest.raises(ValueError, match="^sync: the trainer's model is a PEFT model"):
         rollout(PROMPTS[:1], trainer)
 
 

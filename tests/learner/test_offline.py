@@ -88,12 +88,17 @@ def test_several_answer_files_are_read_whole_and_interleaved(tiny_llm, tiny_llam
     save_answers(tmp_path / "a.jsonl", a, {"model": "m", "vocab_size": 10})
     save_answers(tmp_path / "b.jsonl", b, {"model": "m", "vocab_size": 10})
     merged = load_answer_files([tmp_path / "a.jsonl", tmp_path / "b.jsonl"], vocab_size=10)
-    assert [ex.tokens.tolist() for ex in merged] == [[1, 2, 3], [7, 8, 9], [1, 4, 5], [1, 6]]  # a, b, a, a
+    assert [ex.tokens.tolist() for ex in merged] == [[1, 2, 3], [1, 4, 5], [7, 8, 9], [1, 6]]  # by position
+    many = [Example(torch.tensor([1, i % 9 + 1]), 1) for i in range(100)]
+    save_answers(tmp_path / "many.jsonl", many, {"model": "m", "vocab_size": 10})
+    merged = load_answer_files([tmp_path / "many.jsonl", tmp_path / "b.jsonl"], vocab_size=10)
+    assert [ex.tokens.tolist() for ex in merged[:10]].count([7, 8, 9]) == 0  # b's one answer is its middle
+    assert [ex.tokens.tolist() for ex in merged].index([7, 8, 9]) == 50  # a 10% held-out share leaves it in training
     vocab = tiny_llm.model.config.vocab_size
     for name in ("a", "b"):
         _write(tmp_path / f"{name}-tiny.jsonl", {"format": ANSWERS_FORMAT, "vocab_size": vocab},
                [json.dumps({"tokens": [1, 2, 3, 4, 5, 6], "prompt_len": 2})] * 3)
-    out = run_offline(_config(tiny_llama, tmp_path, examples=f"{tmp_path}/a-tiny.jsonl,{tmp_path}/b-tiny.jsonl"),
+    out = run_offline(_config(tiny_llama, tmp_path, examples=f"{tmp_path}/a-tiny.jsonl, {tmp_path}/b-tiny.jsonl,"),
                       llm=tiny_llm)  # num_prompts 5 is not used: all 6 answers train the head
     assert load_eagle_head(out, tiny_llm.model) is not None
     with pytest.raises(ValueError, match="^examples: .*nope.jsonl not found; several answers files are read"):

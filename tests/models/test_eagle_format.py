@@ -112,6 +112,18 @@ def test_export_then_load_gives_the_same_drafts(target, tmp_path):
     assert config["vocab_size"] == target.config.vocab_size and "rope_theta" in config
 
 
+def test_a_full_vocabulary_head_comes_back_drafting_through_the_targets_live_head(target, tmp_path):
+    head = random_head(target)  # draft_vocab_size 0: the target's own LM head
+    save_eagle_head(head, tmp_path / "full", target)
+    state = load_file(str(tmp_path / "full" / "model.safetensors"))
+    assert torch.equal(state["lm_head.weight"], target.head_weight)  # engines read a copy from the file
+    loaded = load_eagle_head(tmp_path / "full", target)
+    assert loaded.config.draft_vocab_size == 0 and loaded.draft_head is None  # ReSpec reads the target's
+    tokens, features = inputs(target)
+    assert torch.equal(first_draft_logits(head, target, tokens, features),
+                       first_draft_logits(loaded, target, tokens, features))
+
+
 def test_the_exported_file_follows_the_contract(target, tmp_path):
     save_eagle_head(reduced_head(target), tmp_path / "eagle", target, dtype=torch.bfloat16)
     state = load_file(str(tmp_path / "eagle" / "model.safetensors"))

@@ -24,16 +24,3 @@ def test_arm_mix_and_durations():
     assert arm_mix({"sd/arm_frac/off": 1.0}) == "off 100%" and arm_mix({}) == ""
     assert [duration(s) for s in (0.4, 59.6, 61, 3599, 3720)] == ["0s", "1m00s", "1m01s", "59m59s", "1h02m"]
 
-
-def test_the_demo_reports_each_drafter_version_and_the_learners_publications():
-    from respec.rl.demo import drafter_lines
-
-    by_version = {"eagle@v0": [10, 40, 10, 20], "ngram@v0": [4, 16, 0, 4], "eagle@v2": [10, 40, 20, 30]}
-    rows = [{"step": 1, "drafter/published": 1.0, "drafter/target_version_gap": 1.0},
-            {"step": 2, "drafter/published": 2.0, "drafter/target_version_gap": 0.0}]
-    lines = drafter_lines(by_version, rows)
-    assert lines[0].startswith("eagle acceptance:") and "v0 2.00 v2 3.00" in lines[0]
-    assert lines[1].startswith("ngram acceptance:") and "v0 1.00" in lines[1]
-    assert lines[2] == ("online learner:       2 head versions published, drafting lagged the actor by 1 steps "
-                        "at most")
-    assert drafter_lines({}, [{"step": 1}]) == []

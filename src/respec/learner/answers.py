@@ -76,10 +76,10 @@ def _parse(path: Path, number: int, line: str) -> dict:
 
 
 def load_answer_files(paths: list[Path], vocab_size: int) -> list[Example]:
-    """Every answer of each file, interleaved (one of each in turn), so that the first answers, the
-    held-out share, come from every file."""
+    """Every answer of each file, merged by relative position (an answer 10% into its file comes among
+    the first 10% of the result), so that the first answers, the held-out share, take the same fraction
+    of every file however their sizes differ."""
     sources = [load_answers(path, None, vocab_size)[0] for path in paths]
-    merged = []
-    for index in range(max(len(source) for source in sources)):
-        merged += [source[index] for source in sources if index < len(source)]
-    return merged
+    keyed = [((index + 0.5) / len(source), file, example) for file, source in enumerate(sources)
+             for index, example in enumerate(source)]
+    return [example for _, _, example in sorted(keyed, key=lambda item: item[:2])]

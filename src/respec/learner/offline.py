@@ -178,14 +178,14 @@ def target_answers(llm: LLM, config: OfflineConfig) -> list[Example]:
     """The target's answers to the training prompts: read from ``config.examples`` when that file
     exists, else generated (and written there when it is set)."""
     vocab_size = llm.model.config.vocab_size
-    paths = [Path(p) for p in config.examples.split(",")] if config.examples else []
+    paths = [Path(p.strip()) for p in (config.examples or "").split(",") if p.strip()]
     if len(paths) > 1:
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
             raise ValueError(f"examples: {', '.join(missing)} not found; several answers files are read, never "
                              f"written (write each with its own --examples run first)")
         examples = load_answer_files(paths, vocab_size)
-        print(f"read {len(examples)} answers from {len(paths)} files, interleaved (num_prompts is not used)")
+        print(f"read {len(examples)} answers from {len(paths)} files, merged (num_prompts is not used)")
         return examples
     path = paths[0] if paths else None
     if path is not None and path.is_file():

@@ -96,6 +96,8 @@ def save_eagle_head(head: EagleHead, out_dir: str | os.PathLike, target: Decoder
     # trained on is kept, so a head is never fed another target's layers without a word.
     config["respec"] = {"target": {"num_layers": target.config.num_layers, "hidden_size": target.config.hidden_size,
                                    "vocab_size": target.config.vocab_size}, **(extra or {})}
+    if head.draft_head is None:  # the file carries a copy of the target's LM head; ReSpec reads the live one
+        config["respec"]["full_vocabulary"] = True
     tensors = {name: t.to(dtype) if t.is_floating_point() else t for name, t in standard_state(head, target).items()}
     out = Path(out_dir)
     with staged_dir(out) as staging:
@@ -156,6 +158,8 @@ def _config_from_standard(raw: dict, target: DecoderLM) -> EagleConfig:
                          f"(layers {standard_fuse_layers(target.config.num_layers)}): a head drafts for the target "
                          f"it was trained on")
     vocab, draft_vocab = field("vocab_size"), raw.get("draft_vocab_size") or field("vocab_size")
+    if (raw.get("respec") or {}).get("full_vocabulary") and draft_vocab == vocab:
+        draft_vocab = 0  # drafts through the target's own LM head, which RL keeps updating
     config = EagleConfig(hidden_size=field("hidden_size"), vocab_size=vocab, num_heads=field("num_attention_heads"),
                          num_kv_heads=raw.get("num_key_value_heads") or field("num_attention_heads"),
                          head_dim=raw.get("head_dim") or field("hidden_size") // field("num_attention_heads"),
@@ -185,7 +189,7 @@ def _from_standard(state: dict[str, torch.Tensor], config: EagleConfig, source: 
         t2d = torch.zeros(config.vocab_size, dtype=torch.bool)
         t2d[d2t + torch.arange(len(d2t))] = True
     check_vocab_map(d2t, t2d.bool())
-    ours["draft_to_target"] = d2t + torch.arange(len(d2t))
+    ours["draft_to_target"] = d2t + torch.arange(len(d2t)) if config.draft_vocab_size else torch.zeros(0, dtype=torch.long)
     return ours
 
 
