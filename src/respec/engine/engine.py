@@ -63,6 +63,7 @@ class Engine:
         self.model = model
         self.max_num_seqs = max_num_seqs
         self.drafters = _named_drafters(drafter)
+        self._versioned = {name: d for name, d in self.drafters.items() if d.learnable() is not None}
         for each in self.drafters.values():
             check_vocab(each.vocab_size, model.config.vocab_size)
         if model.device.type == "cpu":  # before the cost profile below, which times these kernels
@@ -214,6 +215,8 @@ class Engine:
         firsts = [g[0] for g in groups]
         siblings = [(row, s) for row, g in enumerate(groups) for s in g[1:]]
         ordered = firsts + [s for _, s in siblings]
+        for seq in ordered:
+            seq.drafter_versions = {name: [d.version] for name, d in self._versioned.items()}
         self.slots.fill(start, ordered)
         self.slots.active = start + len(ordered)
         if siblings:
@@ -251,6 +254,8 @@ class Engine:
         for name, drafter in self.drafters.items():  # newer published weights enter between steps
             if drafter.source is not None and drafter.swap_if_newer():
                 self.controller.drafter_updated(name)
+                for seq in self.slots.sequences[:active]:  # only on a swap: a few per run
+                    seq.drafter_versions[name].append(drafter.version)
         t0 = time.perf_counter()  # the decision is part of the step's cost
         arm = self.controller.choose(active)
         self.stats.arm_steps[arm.label] = self.stats.arm_steps.get(arm.label, 0) + 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence as SequenceABC
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,8 @@ class Sample:
     text: str
     logprobs: list[float]  # of each sampled token under the sampling distribution (see sampling.py)
     finish_reason: str  # "stop" (EOS, stop token or stop string) or "length"
+    # per drafter with learnable weights (EAGLE heads): the weight versions in use while it was sampled
+    drafter_versions: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def cumulative_logprob(self) -> float:
@@ -152,7 +154,8 @@ class LLM:
         if seq.stop_text_hit is not None:
             text = text[: text.find(seq.stop_text_hit)] if seq.stop_text_hit in text else text
         return Sample(token_ids=list(ids), text=text, logprobs=list(seq.logprobs),
-                      finish_reason=seq.finish_reason or "length")
+                      finish_reason=seq.finish_reason or "length",
+                      drafter_versions={name: list(v) for name, v in seq.drafter_versions.items()})
 
 
 def _prompt_list(prompts: Any) -> list:

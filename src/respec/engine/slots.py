@@ -34,6 +34,8 @@ class Sequence:
     verify_steps: int = 0  # speculative steps this sample took part in
     drafted: int = 0  # draft tokens offered to it
     accepted: int = 0  # of which accepted
+    # per drafter with learnable weights: the weight versions in use while this sample was active
+    drafter_versions: dict[str, list[int]] = field(default_factory=dict)
 
 
 class SlotTable:

@@ -59,12 +59,12 @@ class SpecStats:
         self.emitted += int(emitted.sum())
         positions = np.arange(k)[None, :]
         reached = (positions <= num_accepted[:, None]) & (positions < offered[:, None])
-        self.offered_at = _add(self.offered_at, reached.sum(0))
-        self.accepted_at = _add(self.accepted_at, (positions < num_accepted[:, None]).sum(0))
-        self.histogram = _add(self.histogram, np.bincount(num_accepted, minlength=k + 1))
+        self.offered_at = add_counts(self.offered_at, reached.sum(0))
+        self.accepted_at = add_counts(self.accepted_at, (positions < num_accepted[:, None]).sum(0))
+        self.histogram = add_counts(self.histogram, np.bincount(num_accepted, minlength=k + 1))
 
 
-def _add(totals: list[int], increments: np.ndarray) -> list[int]:
+def add_counts(totals: list[int], increments: np.ndarray) -> list[int]:
     """Element-wise sum of a running list and new counts, growing the list when k grows."""
     size = max(len(totals), len(increments))
     summed = np.zeros(size, dtype=np.int64)

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from ..data.tasks import LEVELS, TASK_NAMES, load_task
+from ..distributed.config import DistributedConfig
 from ..engine.device import check_dtype_name, parse_device
 from ..engine.speculation import MAX_DRAFT_TOKENS, ControllerConfig, resolve_speculative
 from ..learner.config import LearnerConfig
@@ -196,6 +197,8 @@ class TrainConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    # Rollouts on N Ray workers (``distributed.rollout_workers=N``); the default runs them in-process.
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def validate(self) -> TrainConfig:
         require(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
@@ -209,6 +212,7 @@ class TrainConfig:
             parse_device(self.device)
         for section in (self.task, self.rollout, self.reward, self.optim, self.learner):
             section.validate()
+        self.distributed.validate()
         self._check_learner()
         return self
 

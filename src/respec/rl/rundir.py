@@ -34,7 +34,7 @@ try:
 except ImportError:  # not POSIX: runs are not locked
     fcntl = None
 
-RESUMABLE = ("steps", "eval_every", "checkpoint_every", "keep_last", "tensorboard", "out_dir")
+RESUMABLE = ("steps", "eval_every", "checkpoint_every", "keep_last", "tensorboard", "out_dir", "distributed")
 LOCK, IDENTITY, CONFIG = ".lock", "run.json", "config.yaml"
 RUN_FILES = (CONFIG, "metrics.jsonl", "checkpoints", "tensorboard")  # what makes a directory a run
 MOVED = (*RUN_FILES, IDENTITY, "report")  # what --overwrite moves aside

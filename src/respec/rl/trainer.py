@@ -38,6 +38,7 @@ from .grpo import group_advantages
 from .learner_hooks import make_online_learner, skipped_rows_filter
 from .metrics import MetricsWriter
 from .progress import step_line
+from .remote_rollout import RemoteRollout, connect
 from .rewards import RewardFn, combine, correctness_reward
 from .rollout_stats import spec_delta, spec_snapshot
 from .rundir import RunDirectory
@@ -80,16 +81,19 @@ class Trainer:
         resume = resume or resume_from is not None
         self.directory = directory or RunDirectory(self.run_dir).open(
             config.to_dict(), resume=resume, overwrite=overwrite, allow_config_change=allow_config_change)
+        self.remote: RemoteRollout | None = None
+        self.connection = None
         try:
             self._start(config, resume, resume_from, llm, reward_fn)
         except BaseException:
-            self.directory.close()
+            self._release()
             raise
 
     def _start(self, config: TrainConfig, resume: bool, resume_from: int | None, llm: LLM | None,
                reward_fn: RewardFn | None) -> None:
         candidates = self._resume_candidates(resume_from) if resume else []
         clear_staging(self.run_dir)  # saves that never finished: with the lock held, nobody owns them
+        self.connection = connect(config)  # Ray, when rollouts are distributed: checked before the model loads
         torch.manual_seed(config.seed)
         self.llm = llm or make_llm(config)
         self.actor = self.llm.model
@@ -114,6 +118,8 @@ class Trainer:
         self.ledger = {"drafter_train_s": 0.0, "rollout_saved_s": 0.0, "speedup": None}
         if candidates:
             self._resume(candidates, fall_back=resume_from is None)
+        if self.connection is not None:
+            self.remote = RemoteRollout(config, self.connection, self.llm, self.learner, self.step)
         save_config(config, self.run_dir / "config.yaml")
         self.metrics = MetricsWriter(self.run_dir, config.tensorboard, resume_after=self.step if resume else 0)
 
@@ -155,12 +161,13 @@ class Trainer:
 
     def rollout(self, problems: list[Problem], step: int, llm: LLM | None = None) -> tuple[list, float, dict[str, float]]:
         """Sample every problem's group; seeds depend on (seed, ``step``, problem index) only."""
-        llm = llm or self.llm
+        llm = llm or self.remote or self.llm
         prompts = [self.encode(p) for p in problems]
         params = [self.sampling_params(step, i) for i in range(len(problems))]
         before = spec_snapshot(llm)
         start = time.perf_counter()
-        outputs = llm.generate(prompts, params, progress=self.progress)
+        outputs = llm.generate(prompts, params) if llm is self.remote else \
+            llm.generate(prompts, params, progress=self.progress)
         seconds = time.perf_counter() - start
         return outputs, seconds, spec_delta(llm, before, seconds, len(problems) * self.config.rollout.group_size)
 
@@ -197,10 +204,14 @@ class Trainer:
         drafter = {}
         if self.learner_worker is not None:
             version = self.learner.drafter.version
-            self.learner_worker.after_update(self.actor, self.step, rollout_stats.get("sd/accept_len"),
-                                             version if version == version_before else None)
+            drafted_by = self.remote.drafted_by(outputs) if self.remote else \
+                version if version == version_before else None
+            self.learner_worker.after_update(self.actor, self.step, rollout_stats.get("sd/accept_len"), drafted_by)
         drafter_s = time.perf_counter() - t0
         self.step += 1
+        if self.remote is not None:  # the workers sample the next step from the updated actor
+            drafter["timing_s/weight_sync"] = self.remote.after_update(self.actor, self.step)
+            drafter.update(self.remote.metrics())
         if self.learner_worker is not None:
             drafter.update(self.learner_worker.metrics(self.step))
         grouped = rewards.view(-1, group)
@@ -298,6 +309,15 @@ class Trainer:
         if self.learner_worker is not None:
             self.learner_worker.close()
         self.metrics.close()
+        self._release()
+
+    def _release(self) -> None:
+        """The rollout workers (and a Ray instance this run started), then the run directory."""
+        if self.remote is not None:
+            self.remote.close()
+        elif self.connection is not None:
+            self.connection.close()
+        self.remote = self.connection = None
         self.directory.close()
 
     def _log_eval(self) -> float:
