@@ -8,6 +8,7 @@ any node has): before the model loads, not after a worker waits forever for reso
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import socket
 
@@ -41,7 +42,10 @@ class Connection:
         if ray.is_initialized():  # a caller (a test, a notebook) already joined a cluster: use it
             pass
         elif config.address == "local":
-            ray.init(num_cpus=max(os.cpu_count() or 1, int(config.num_cpus * (config.rollout_workers or 1))),
+            # Logical CPUs for every worker and the learner actor even on a small machine (they then
+            # share its cores): a local run never waits for resources it will not get.
+            wanted = config.num_cpus * ((config.rollout_workers or 1) + int(config.learner_actor))
+            ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(wanted)),
                      include_dashboard=False, log_to_driver=False, configure_logging=False,
                      object_store_memory=_object_store_bytes())
             self.started = True

@@ -62,7 +62,14 @@ class RolloutPool:
         self._stats: dict[int, GenerationStats] = {}  # last cumulative counters per worker, dead ones kept
         self.events: list[str] = []  # deaths, replacements, shrinking and growing, for the run's log
         self.last: dict[str, float] = {}
-        for _ in range(config.rollout_workers):
+        room = free_slots(config)
+        if room < 1:
+            raise ValueError(f"distributed.num_cpus: the cluster has no room for one worker of {config.num_cpus:g} "
+                             f"CPUs and {config.num_gpus:g} GPUs now (free: {self.ray.available_resources()})")
+        if room < config.rollout_workers:
+            self.events.append(f"the cluster holds {room} of the {config.rollout_workers} workers asked: "
+                               f"starting {room} (more start when room appears)")
+        for _ in range(min(room, config.rollout_workers)):
             self._start_worker()
         self._wait_started(config.worker_start_timeout_s)
         if not self.live:

@@ -70,14 +70,15 @@ class LearnerWorker:
             self._thread.start()
 
     # ------------------------------------------------------------------ the trainer's side
-    def after_update(self, actor: DecoderLM, step: int, accept_len: float | None,
-                     drafted_by: int | None = None) -> None:
+    def after_update(self, actor: DecoderLM | None, step: int, accept_len: float | None,
+                     drafted_by: int | None = None, target: FrozenTarget | None = None) -> None:
         """Called once per RL step, after the actor's update (its samples are in the buffer).
-        ``drafted_by``: the drafter version of the whole rollout, None if a swap happened during it."""
+        ``drafted_by``: the drafter version of the whole rollout, None if a swap happened during it.
+        ``target``: the frozen copy of the actor's parts, when the caller made it (another process)."""
         if self.error is not None or not self._due(step, accept_len, drafted_by) or not self.learner.ready():
             return
         started = time.perf_counter()
-        target = self.learner.frozen_target(actor)
+        target = target if target is not None else self.learner.frozen_target(actor)
         if self.config.mode == "sync":
             self._run_round(target)
         else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..distributed.learner_actor import RemoteLearner
 from ..engine.drafters.eagle import EagleDrafter
 from ..engine.llm import LLM
 from ..learner.config import LearnerConfig
@@ -12,7 +13,8 @@ from ..learner.worker import LearnerWorker
 from .config import TrainConfig
 
 
-def make_online_learner(config: TrainConfig, llm: LLM) -> tuple[OnlineLearner | None, LearnerWorker | None]:
+def make_online_learner(config: TrainConfig, llm: LLM) -> tuple:
+    """(learner, its worker): in this process, or one ``RemoteLearner`` for both (a Ray actor)."""
     learner_config = config.learner
     if learner_config.mode == "off":
         return None, None
@@ -20,6 +22,10 @@ def make_online_learner(config: TrainConfig, llm: LLM) -> tuple[OnlineLearner | 
     rollout = config.rollout
     depths = learner_config.depths or rollout.max_k  # the unroll trains the drafts the rollout asks for
     temperature = learner_config.temperature or (rollout.temperature if rollout.temperature > 0 else 1.0)
+    dist = config.distributed
+    if dist.enabled and dist.learner_actor and learner_config.mode in ("async", "triggered"):
+        remote = RemoteLearner(drafter, learner_config, depths, temperature, config.seed, dist.num_cpus)
+        return remote, remote  # the learner and its worker, both in a Ray actor
     learner = OnlineLearner(drafter, learner_config, depths, temperature, seed=config.seed)
     return learner, LearnerWorker(learner, learner_config)
 

@@ -69,7 +69,7 @@ class RemoteRollout:
             out["dist/weight_sync_s"] = self.sync["sync_s"]
             out["dist/weight_sync_mb"] = self.sync["bytes"] / 1e6
         if self.drafter_name is not None:
-            published = self.learner.version
+            published = self.pool.drafters.get(self.drafter_name, (self.learner.drafter.version, None))[0]
             for index, versions in self.pool.versions().items():
                 in_use = versions["drafters"].get(self.drafter_name, {}).get("in_use", 0)
                 out[f"dist/worker{index}/drafter_lag"] = float(published - in_use)
