@@ -8,6 +8,13 @@ probability ``min(1, p_i(x_i) / q_i(x_i))``; at the first rejection the row emit
 ``p_{k+1}``. Every emitted token is then distributed exactly as the target's sampling distribution
 (Leviathan et al. 2023, Chen et al. 2023). Greedy rows accept while the draft is the target's argmax.
 
+Deterministic drafts (n-gram, and any drafter without a q) given per-position uniforms use a coupling
+with plain decoding instead: the target draws its own token at every position with the uniform plain
+decoding would use there, a draft is accepted when it equals that draw (probability p(x), the same as
+min(1, p/q) with q one-hot) and the row emits the draw after its accepted drafts. The emitted tokens
+are then exactly plain decoding's samples, so a rollout does not depend on which drafts, arms, batch
+or worker served it (up to float rounding of the logits).
+
 All probabilities enter as log-probabilities of the *processed* distributions (temperature, top-k,
 top-p already applied by ``sampling.processed_logprobs`` to both p and q), so the two sides can never
 be processed differently. Any float dtype works; the tests run float64.
@@ -55,14 +62,40 @@ def verify_drafts(
         raise ValueError(f"target_logprobs: expected [B={batch}, k+1={k + 1}, V], got {list(target_logprobs.shape)}")
     offered = torch.arange(k, device=draft_tokens.device)[None, :] < (
         draft_lens[:, None] if draft_lens is not None else k)
+    rows = torch.arange(batch, device=draft_tokens.device)
+    if draft_logprobs is None and resample_uniforms is not None and resample_uniforms.dim() == 2:
+        # Deterministic drafts: the target's own draw at every position, with the uniform plain
+        # decoding uses there; a draft is accepted when it is that draw (probability p(x), as u < p(x)),
+        # and the token after the accepted ones is the draw itself. The tokens are then those plain
+        # decoding would sample, whichever drafts were offered.
+        own = target_draws(target_logprobs, resample_uniforms)
+        accepted = offered & torch.where(greedy[:, None], draft_tokens == target_logprobs[:, :k].argmax(dim=-1),
+                                         draft_tokens == own[:, :k])
+        num_accepted = accepted.long().cumprod(dim=-1).sum(dim=-1)
+        next_token = torch.where(greedy, target_logprobs[rows, num_accepted].argmax(dim=-1), own[rows, num_accepted])
+        return _verdict(draft_tokens, target_logprobs, num_accepted, next_token)
     accepted = offered & _accept_mask(target_logprobs[:, :k], draft_tokens, draft_logprobs, accept_uniforms, greedy)
     num_accepted = accepted.long().cumprod(dim=-1).sum(dim=-1)
-    rows = torch.arange(batch, device=draft_tokens.device)
     rejected = num_accepted < (draft_lens if draft_lens is not None else k)
     if resample_uniforms is not None and resample_uniforms.dim() == 2:
         resample_uniforms = resample_uniforms.gather(1, num_accepted[:, None]).squeeze(1)
     next_token = _next_token(target_logprobs[rows, num_accepted], draft_tokens, draft_logprobs, num_accepted,
                              rejected, resample_uniforms, greedy)
+    return _verdict(draft_tokens, target_logprobs, num_accepted, next_token)
+
+
+def target_draws(target_logprobs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """``[B, k+1]``: the token the target samples at each position from ``uniforms [B, k+1]``, exactly as
+    plain decoding does (``sampling.sample_tokens``: the inverse CDF of the processed p in float64)."""
+    batch, width, vocab = target_logprobs.shape
+    flat = target_logprobs.reshape(batch * width, vocab).double().exp()
+    return inverse_cdf(flat, uniforms.reshape(-1)).view(batch, width)
+
+
+def _verdict(draft_tokens: torch.Tensor, target_logprobs: torch.Tensor, num_accepted: torch.Tensor,
+             next_token: torch.Tensor) -> Verdict:
+    batch = draft_tokens.shape[0]
+    rows = torch.arange(batch, device=draft_tokens.device)
     tokens = torch.cat((draft_tokens, draft_tokens.new_zeros(batch, 1)), dim=1)
     tokens[rows, num_accepted] = next_token
     logprobs = target_logprobs.gather(-1, tokens[..., None]).squeeze(-1)

@@ -4,8 +4,9 @@ RL rollouts repeat themselves: a row quotes its prompt, the ``n`` samples of one
 share phrasing, and the same prompt comes back every epoch. For each row the drafter takes the longest
 suffix of its context (``max_ngram`` down to ``min_ngram`` tokens) that occurs earlier in, by
 preference, its own context, a sibling sample's, or an earlier rollout of the same prompt, and
-proposes the tokens that followed the most recent occurrence. Drafts are deterministic (q one-hot),
-so the verifier's acceptance test is simply u < p(x).
+proposes the tokens that followed the most recent occurrence. Drafts are deterministic (q one-hot):
+the verifier accepts a draft when it is the token the target itself draws there (see ``verify``), so
+the samples are plain decoding's, whatever the drafts.
 """
 
 from __future__ import annotations
