@@ -39,6 +39,9 @@ class Connection:
     def __init__(self, config: DistributedConfig) -> None:
         ray = require_ray()
         self.config, self.started = config, False
+        if config.address not in ("local", "auto") and not _reachable(config.address):
+            raise ValueError(f"distributed.address: cannot reach {config.address!r} (nothing answers there; "
+                             f"start a head with `ray start --head` or use address=local)")
         if ray.is_initialized():  # a caller (a test, a notebook) already joined a cluster: use it
             pass
         elif config.address == "local":
@@ -50,9 +53,6 @@ class Connection:
                      object_store_memory=_object_store_bytes())
             self.started = True
         else:
-            if config.address != "auto" and not _reachable(config.address):
-                raise ValueError(f"distributed.address: cannot reach {config.address!r} (nothing answers there; "
-                                 f"start a head with `ray start --head` or use address=local)")
             try:
                 ray.init(address=config.address, log_to_driver=False, configure_logging=False)
             except (ConnectionError, RuntimeError, ValueError) as err:

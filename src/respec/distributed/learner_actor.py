@@ -52,6 +52,7 @@ class LearnerActor:
         return self.learner.buffer.num_tokens
 
     def after_update(self, target: FrozenTarget, step: int, accept_len: float | None, drafted_by: int | None) -> None:
+        """Queue a round (async/triggered: returns at once; sync: after the round)."""
         self.worker.after_update(None, step, accept_len, drafted_by, target=target)
 
     def version(self) -> int:
@@ -149,8 +150,8 @@ class RemoteLearner:
         samples = capture_micro_batch(ids, lengths, prompt_lens, captured, logits, self.fuse_layers,
                                       self.draft_vocab, rewards, advantages, step, self.temperature,
                                       self.config.logits_top_k)
-        if samples and self.error is None:
-            self.call("add_samples", self.ray.put(samples))
+        if samples and self.error is None:  # waited for: the actor's threads keep no call order
+            self.get(self.call("add_samples", self.ray.put(samples)))
 
     def state_dict(self) -> dict | None:
         return self.get(self.call("state_dict"))
@@ -166,7 +167,7 @@ class RemoteLearner:
     def after_update(self, actor, step: int, accept_len: float | None, drafted_by: int | None = None) -> None:
         if self.error is None:
             target = FrozenTarget(actor, with_head=self.with_head, dtype=torch.float32)
-            self.call("after_update", self.ray.put(target), step, accept_len, drafted_by)
+            self.get(self.call("after_update", self.ray.put(target), step, accept_len, drafted_by))
 
     def metrics(self, step: int) -> dict[str, float]:
         got = self.get(self.call("metrics", step), timeout=60)

@@ -84,6 +84,11 @@ class RolloutPool:
         state = WorkerState(index, handle, started_at=time.perf_counter())
         self.starting[handle.ready.remote()] = state
 
+    def wait_ready(self, timeout: float | None = None) -> int:
+        """Wait for the workers still starting (e.g. replacements); returns the pool's size."""
+        self._wait_started(self.config.worker_start_timeout_s if timeout is None else timeout)
+        return len(self.live)
+
     def _wait_started(self, timeout: float) -> None:
         if self.starting:
             self.ray.wait(list(self.starting), num_returns=len(self.starting), timeout=timeout)
