@@ -155,6 +155,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"respec train: the run that was in {config.out_dir} is now in {directory.moved_aside}")
     print(f"respec train: {config.out_dir}: loading {config.model} (speculative: {config.rollout.speculative})",
           flush=True)
+    d = config.distributed
+    if d.enabled:
+        print(f"respec train: rollouts on {d.rollout_workers} Ray worker(s) ({d.num_cpus:g} CPU, {d.num_gpus:g} GPU "
+              f"each) at {d.address}: starting them loads the model in each", flush=True)
     from .rl.trainer import Trainer
 
     trainer = Trainer(config, resume=args.resume, resume_from=args.resume_from, directory=directory)

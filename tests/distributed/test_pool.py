@@ -194,3 +194,26 @@ def test_an_unreachable_address_fails_at_once():
 def test_more_gpus_per_worker_than_the_cluster_has_fails_at_once(local_ray):
     with pytest.raises(ValueError, match="distributed.num_gpus"):
         Connection(DistributedConfig(rollout_workers=1, num_gpus=1).validate())
+
+
+def test_a_training_run_on_two_workers_equals_the_single_process_run(local_ray, tiny_llama, tmp_path):
+    from respec.rl.metrics import read_metrics
+    from respec.rl.trainer import Trainer
+    from tests.helpers import char_class_reward, tiny_config
+
+    runs = {}
+    for name, extra in (("one", []), ("two", ["distributed.rollout_workers=2"])):
+        config = tiny_config(tiny_llama, tmp_path / name, "rollout.speculative=adaptive", "rollout.drafters=[ngram]",
+                             *extra)
+        Trainer(config, reward_fn=char_class_reward).train(progress=False)
+        runs[name] = read_metrics(tmp_path / name)
+    for one, two in zip(runs["one"], runs["two"]):
+        for key in ("train/reward", "train/kl", "train/loss", "train/response_length"):
+            assert two[key] == pytest.approx(one[key], abs=1e-5), key
+        assert two["train/logprob_diff_max"] < 1e-4
+        assert two["dist/workers"] == 2 and two["dist/weight_sync_mb"] > 0
+        assert two["dist/worker0/items"] + two["dist/worker1/items"] >= 2
+    from respec.rl.report import make_report
+
+    summary = (make_report(tmp_path / "two") / "summary.md").read_text()
+    assert "## Rollout workers" in summary and "| worker1 |" in summary

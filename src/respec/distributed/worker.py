@@ -69,7 +69,10 @@ class RolloutWorker:
         self.refused: list[str] = []
 
     def ready(self) -> dict:
-        return {"pid": os.getpid(), "host": socket.gethostname(), "index": self.index}
+        import ray
+
+        return {"pid": os.getpid(), "host": socket.gethostname(), "index": self.index,
+                "node": ray.get_runtime_context().get_node_id()}
 
     def generate(self, item: int, prompts: list[list[int]], params: list[SamplingParams]) -> WorkResult:
         with self._lock:

@@ -40,8 +40,10 @@ def step_line(step: int, total: int, metrics: dict[str, float], eval_accuracy: f
         parts.append(f"arms {mix}")
     if "drafter/version" in metrics:
         parts.append(f"drafter v{int(metrics['drafter/version'])}")
-    times = [f"{phase} {metrics[f'timing_s/{phase}']:.1f}s" for phase in ("rollout", "update", "drafter")
-             if f"timing_s/{phase}" in metrics]
+    if "dist/workers" in metrics:
+        parts.append(f"workers {int(metrics['dist/workers'])}")
+    times = [f"{phase} {metrics[f'timing_s/{phase}']:.1f}s"
+             for phase in ("rollout", "update", "drafter", "weight_sync") if f"timing_s/{phase}" in metrics]
     if times:
         parts.append(" ".join(times))
     if eta_s is not None and step < total:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 from .metrics import read_metrics
@@ -86,4 +87,27 @@ def summary(rows: list[dict]) -> str:
         _, values = series(rows, phase)
         if values:
             lines.append(f"- {phase}: {_mean(values):.2f} s per step")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + workers_table(rows)) + "\n"
+
+
+WORKER_COLUMNS = ("tokens_per_s", "busy_s", "idle_s", "dispatch_s", "items", "drafter_lag")
+
+
+def workers_table(rows: list[dict]) -> list[str]:
+    """Per rollout worker (distributed runs), means over the steps it served."""
+    workers = sorted({key.split("/")[1] for r in rows for key in r if re.match(r"dist/worker\d+/", key)},
+                     key=lambda w: int(w.removeprefix("worker")))
+    if not workers:
+        return []
+    _, sync_s = series(rows, "dist/weight_sync_s")
+    _, sync_mb = series(rows, "dist/weight_sync_mb")
+    lines = ["", "## Rollout workers", "",
+             f"- weight sync: {_mean(sync_s):.3f} s and {_mean(sync_mb):.1f} MB per step (mean)", "",
+             "| worker | " + " | ".join(WORKER_COLUMNS) + " |", "|" + " --- |" * (len(WORKER_COLUMNS) + 1)]
+    for worker in workers:
+        cells = []
+        for column in WORKER_COLUMNS:
+            _, values = series(rows, f"dist/{worker}/{column}")
+            cells.append(f"{_mean(values):.2f}" if values else "-")
+        lines.append(f"| {worker} | " + " | ".join(cells) + " |")
+    return lines
