@@ -64,6 +64,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return _adaptive_bench(args)
     if args.online:
         return _online_bench(args)
+    if args.distributed:
+        from .bench.distributed import format_distributed, run_distributed_bench
+
+        result = run_distributed_bench(args.model, args.prompts, tokens=args.new_tokens if args.new_tokens != 128 else 48)
+        return _report(format_distributed(result), result, args.out)
     from .bench.throughput import format_table, run_bench
 
     result = run_bench(args.model, args.batch_sizes, args.new_tokens, args.repeats, args.device, args.dtype,
@@ -259,6 +264,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--ks", type=_int_list, default=(1, 2, 3, 4), help="k values for --adaptive")
     bench.add_argument("--long-tail-rows", type=int, default=64, help="rows of the long-tail workload (0: skip it)")
     bench.add_argument("--long-tail-max", type=int, default=256, help="longest budget of the long-tail workload")
+    bench.add_argument("--distributed", action="store_true",
+                       help="rollouts on 1 vs 2 Ray workers, queue vs static shards on a long tail, weight-sync "
+                            "seconds and MB, a projection to GPU workers")
     bench.add_argument("--online", action="store_true",
                        help="the same GRPO run without SD, with a frozen drafter and with the online learner")
     bench.add_argument("--config", default="configs/smollm2-arith.yaml", help="base training config for --online")

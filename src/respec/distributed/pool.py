@@ -62,7 +62,10 @@ class RolloutPool:
         self._stats: dict[int, GenerationStats] = {}  # last cumulative counters per worker, dead ones kept
         self.events: list[str] = []  # deaths, replacements, shrinking and growing, for the run's log
         self.last: dict[str, float] = {}
-        room = free_slots(config)
+        room, deadline = free_slots(config), time.perf_counter() + 10.0
+        while room < config.rollout_workers and time.perf_counter() < deadline:  # resources of actors
+            time.sleep(0.5)                                                      # just ended come back late
+            room = free_slots(config)
         if room < 1:
             raise ValueError(f"distributed.num_cpus: the cluster has no room for one worker of {config.num_cpus:g} "
                              f"CPUs and {config.num_gpus:g} GPUs now (free: {self.ray.available_resources()})")
@@ -288,10 +291,17 @@ class RolloutPool:
         return out
 
     def close(self) -> None:
-        for state in list(self.live.values()) + list(self.starting.values()):
+        """Stop every worker and wait until they are gone (their resources free again)."""
+        states = list(self.live.values()) + list(self.starting.values())
+        for state in states:
             try:
                 self.ray.kill(state.handle)
             except Exception:  # noqa: BLE001 -- already gone
+                pass
+        for state in states:
+            try:
+                self.ray.get(state.handle.ready.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 -- the expected end: the actor died
                 pass
         self.live.clear()
         self.starting.clear()

@@ -23,6 +23,7 @@ class PackedWeights:
     arrays: dict[str, np.ndarray]  # distinct tensors
     dtypes: dict[str, str]  # their torch dtypes ("torch.bfloat16")
     aliases: dict[str, str] = field(default_factory=dict)  # a tied name -> the name it shares storage with
+    transposed: set[str] = field(default_factory=set)  # sent as stored (column-major): the array is its .t()
 
     @property
     def nbytes(self) -> int:
@@ -33,6 +34,7 @@ def pack_weights(module: torch.nn.Module, version: int) -> PackedWeights:
     arrays: dict[str, np.ndarray] = {}
     dtypes: dict[str, str] = {}
     aliases: dict[str, str] = {}
+    transposed: set[str] = set()
     seen: dict[tuple[int, int, tuple], str] = {}
     for name, tensor in module.state_dict().items():
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
@@ -40,12 +42,16 @@ def pack_weights(module: torch.nn.Module, version: int) -> PackedWeights:
             aliases[name] = seen[key]
             continue
         seen[key] = name
-        host = tensor.detach().to("cpu").contiguous()
+        host = tensor.detach().to("cpu")
+        if host.dim() == 2 and not host.is_contiguous() and host.t().is_contiguous():
+            host = host.t()  # column-major weights travel in their own order: no transposing copies
+            transposed.add(name)
+        host = host.contiguous()
         if host.dtype in _AS_NUMPY:
             host = host.view(_AS_NUMPY[host.dtype])
         arrays[name] = host.numpy()  # shares the model's memory: ray.put copies it into the store at once
         dtypes[name] = str(tensor.dtype)
-    return PackedWeights(version, arrays, dtypes, aliases)
+    return PackedWeights(version, arrays, dtypes, aliases, transposed)
 
 
 def _tensor(array: np.ndarray, dtype: str) -> torch.Tensor:
@@ -65,9 +71,14 @@ def load_packed(module: torch.nn.Module, packed: PackedWeights) -> None:
         for name, target in state.items():
             source = packed.aliases.get(name, name)
             tensor = _tensor(packed.arrays[source], packed.dtypes[source])
+            if source in packed.transposed:
+                tensor = tensor.t()
             if tuple(tensor.shape) != tuple(target.shape):
                 raise ValueError(f"weights v{packed.version}: {name} has shape {tuple(tensor.shape)}, "
                                  f"the model {tuple(target.shape)}")
             with warnings.catch_warnings():  # numpy buffers from the object store are read-only
                 warnings.simplefilter("ignore", UserWarning)
-                target.copy_(tensor.to(target.dtype))
+                if source in packed.transposed and target.t().is_contiguous():  # the same order: a plain copy
+                    target.t().copy_(tensor.t().to(target.dtype))
+                else:
+                    target.copy_(tensor.to(target.dtype))
