@@ -11,10 +11,9 @@ one PNG per world (k against the active batch over the first and last rollout).
     python benchmarks/sim_gpu_world.py --out runs/sim-gpu-world
     python benchmarks/sim_gpu_world.py --out runs/sim-gpu-world --worlds 0,7 --what-if
 
-``--what-if`` adds three variants of ours, each the same controller code: exploration off (a
-ControllerConfig setting); an engine that books the EAGLE head's deferred prompt prefill apart from
-catch-ups (only what it reports for a rollout's first speculative step changes); and an engine whose
-idle head absorbs each full shadow block while it sits out, so it never lags (``World.head_absorbs``).
+``--what-if`` adds two variants of ours, each the same controller code: exploration off (a
+ControllerConfig setting), and an engine whose idle head absorbs each full shadow block while it sits
+out, so it never lags (``World.head_absorbs``).
 """
 
 from __future__ import annotations
@@ -52,27 +51,10 @@ from respec.bench.sim.worlds import named_worlds
 from respec.engine.speculation import ControllerConfig
 
 
-class OursPrefillApart(OursPolicy):
-    """Ours where the engine books the head's deferred prompt prefill (the first speculative step of
-    a rollout) apart: neither as a catch-up nor as step time."""
-
-    name = "what-if: ours, deferred prefill booked apart"
-
-    def start(self, world, rl_step, draws) -> None:
-        super().start(world, rl_step, draws)
-        self.fresh = True
-
-    def observe(self, o) -> None:
-        if o.arm.drafter is not None and self.fresh:
-            self.fresh = False
-            o = replace(o, seconds=o.seconds - o.catch_up_seconds, catch_up_seconds=0.0)
-        super().observe(o)
-
-
 def what_if_policies(seed: int) -> list:
     quiet = OursPolicy(ControllerConfig(seed=seed, profile_cache="", explore=False), seed=seed)
     quiet.name = "what-if: ours, exploration off"
-    return [quiet, OursPrefillApart(seed=seed)]
+    return [quiet]
 
 
 def plot_k_vs_batch(world, runs, path: Path) -> None:
@@ -143,7 +125,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory for the JSON, markdown and PNG files")
     parser.add_argument("--worlds", default="all", help="comma-separated indices into the named worlds, or all")
-    parser.add_argument("--what-if", action="store_true", help="add three what-if variants of ours")
+    parser.add_argument("--what-if", action="store_true", help="add two what-if variants of ours")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

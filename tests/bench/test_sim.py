@@ -138,6 +138,7 @@ def replay(policy: Recording, world: World, seed: int) -> tuple[int, int]:
             if event[1]:
                 by_hand.drafter_updated(DRAFTER)
             by_hand.drafters_synced()
+            by_hand.prefill_pending(DRAFTER)
         elif event[0] == "choose":
             differ += by_hand.choose(event[1]) != event[2]
             decisions += 1

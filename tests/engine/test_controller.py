@@ -375,6 +375,9 @@ class CyclingController:
     def drafter_lag(self, *args) -> None:
         pass
 
+    def prefill_pending(self, name: str) -> None:
+        pass
+
     def drafters_synced(self) -> None:
         pass
 

@@ -150,7 +150,7 @@ def projection(workers: list[int], bandwidth_gbs: float = 25.0, rows_total: int 
         times = [_ar_seconds(costs, budgets[s], prompt_len) for s in shards]
         balanced = [_ar_seconds(costs, budgets[s], prompt_len) for s in _longest_first(budgets, count)]
         sync = weight_gb / bandwidth_gbs if count > 1 else 0.0
-        rows.append({"workers": count, "rows": int(len(budgets)), "rollout_s": max(times),
+        rows.append({"workers": count, "rows": len(budgets), "rollout_s": max(times),
                      "balanced_rollout_s": max(balanced), "weight_broadcast_s": sync})
     for row in rows:
         row["speedup_vs_1"] = rows[0]["rollout_s"] / (row["rollout_s"] + row["weight_broadcast_s"])
@@ -221,8 +221,9 @@ def format_distributed(result: dict) -> str:
                      f"{row['vs_one_process']:.2f}x | {row.get('identical_to_one_process', '-')} |")
     tail = result["long_tail"]
     mean = {s: float(np.mean([r["seconds"] for r in tail if r["schedule"] == s])) for s in ("static", "queue")}
-    lines += ["", f"long tail (budgets {min(result['budgets'])}-{max(result['budgets'])} tokens): static shards "
-              f"{mean['static']:.2f} s, queue {mean['queue']:.2f} s -> queue {mean['static'] / mean['queue']:.2f}x", "",
+    tail_line = (f"long tail (budgets {min(result['budgets'])}-{max(result['budgets'])} tokens): static shards "
+                 f"{mean['static']:.2f} s, queue {mean['queue']:.2f} s -> queue {mean['static'] / mean['queue']:.2f}x")
+    lines += ["", tail_line, "",
               "| weights | dtype | MB | sync s (put + every worker loads) | put s | load s |", "| --- | --- | --- | --- | --- | --- |"]
     for row in result["weight_sync"]:
         lines.append(f"| {row['model']} | {row['dtype']} | {row['mb']:.0f} | {row['sync_s']:.3f} | {row['put_s']:.3f} | "

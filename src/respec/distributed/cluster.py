@@ -75,7 +75,7 @@ class Connection:
 
 def _object_store_bytes() -> int:
     """A modest store for a laptop run: a few copies of a small model's weights, not 30% of memory."""
-    return int(os.environ.get("RESPEC_RAY_OBJECT_STORE_BYTES", 2 * 1024 ** 3))
+    return int(os.environ.get("RESPEC_RAY_OBJECT_STORE_BYTES", str(2 * 1024 ** 3)))
 
 
 def node_capacities() -> list[dict[str, float]]:

@@ -81,6 +81,9 @@ class StaticController:
     def drafter_lag(self, name: str, tokens: int) -> None:
         pass
 
+    def prefill_pending(self, name: str) -> None:
+        pass
+
     def record(self, arm: Arm, batch: int, seconds: float, draft_seconds: float,
                num_accepted: np.ndarray | None, emitted: int, catch_up_seconds: float = 0.0) -> None:
         pass
@@ -110,6 +113,7 @@ class AdaptiveController:
         self.rng = np.random.default_rng(config.seed or 0)
         self.trace: list[StepRecord] = []
         self._predicted = 0.0
+        self._prefill_pending: set[str] = set()  # drafters whose next catch-up runs a deferred prefill
 
     # ---------------------------------------------------------------- decisions
     def predicted_time(self, arm: Arm, batch: int) -> float:
@@ -186,6 +190,11 @@ class AdaptiveController:
         if name in self.reread:
             self.reread[name] = float(tokens)
 
+    def prefill_pending(self, name: str) -> None:
+        """``name`` deferred the prefill of newly admitted prompts to its next catch-up: that catch-up's
+        time is prompt work, not a measure of catching up on missed tokens, so it teaches nothing."""
+        self._prefill_pending.add(name)
+
     def drafter_updated(self, name: str, keep: float = 0.25) -> None:
         """``name`` now drafts with new weights: its past acceptance says less about it."""
         if name in self.acceptance:
@@ -199,7 +208,9 @@ class AdaptiveController:
         self.cost.record_target(batch, tokens, seconds - draft_seconds - catch_up_seconds)
         if arm.drafter is not None:
             self.cost.record_draft(arm.drafter, batch, arm.k, draft_seconds)
-            if catch_up_seconds > 0:
+            if catch_up_seconds > 0 and arm.drafter in self._prefill_pending:
+                self._prefill_pending.discard(arm.drafter)
+            elif catch_up_seconds > 0:
                 self.cost.record_catch_up(self.catch_up_kind[arm.drafter], arm.drafter, batch,
                                           self.missed[arm.drafter], catch_up_seconds, self.reread[arm.drafter])
             self.missed[arm.drafter] = self.reread[arm.drafter] = 0.0

@@ -208,7 +208,10 @@ class Engine:
         for each in self.drafters.values():
             each.prefill(rows, ids, lengths, trace)
         # A drafter that deferred its prefill runs it in a catch-up, timed as one (not as drafting).
-        self._synced -= {name for name, each in self.drafters.items() if each.defers_prefill}
+        deferred = {name for name, each in self.drafters.items() if each.defers_prefill}
+        self._synced -= deferred
+        for name in deferred if self.controller is not None else ():
+            self.controller.prefill_pending(name)
         last_hidden = out.hidden[torch.arange(len(prompts), device=device), lengths - 1]
         logits = self.model.logits(last_hidden)
         # Sample 0 of each request sits in the prefilled slot; siblings get copies of its cache rows.

@@ -140,6 +140,7 @@ class OursPolicy(ArPolicy):
         elif world.drift.publishes:  # the online learner published new weights since the last rollout
             self.controller.drafter_updated(DRAFTER)
         self.controller.drafters_synced()  # the engine says so after prefilling fresh rows
+        self.controller.prefill_pending(DRAFTER)  # ... and that the head deferred their prompts' prefill
 
     def choose(self, batch: int) -> Arm:
         return self.controller.choose(batch)
