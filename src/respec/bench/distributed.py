@@ -93,6 +93,37 @@ def long_tail(model: str, prompts: list[list[int]], n: int, budgets: list[int], 
     return rows
 
 
+def fault(model: str, prompts: list[list[int]], n: int, tokens: int, workers: int, threads: int) -> dict:
+    """The same rollout fault-free, then with one worker's process killed half-way through it."""
+    import os
+    import signal
+    import threading
+
+    params = _params(len(prompts), n, tokens, 0.7)
+    pool = RolloutPool(WorkerSpec(model, device="cpu"),
+                       DistributedConfig(rollout_workers=workers, num_cpus=max(1, threads // workers)).validate())
+    try:
+        _warm_up(pool, prompts, n)
+        start = time.perf_counter()
+        clean = pool.generate(prompts, params)
+        clean_s = time.perf_counter() - start
+        victim = next(iter(pool.live.values()))
+        killer = threading.Timer(clean_s / 2, lambda: os.kill(victim.info["pid"], signal.SIGKILL))
+        killer.start()
+        start = time.perf_counter()
+        faulted = pool.generate(prompts, params)
+        faulted_s = time.perf_counter() - start
+        killer.join()
+        same = all(a.token_ids == b.token_ids and a.logprobs == b.logprobs
+                   for o, r in zip(faulted, clean) for a, b in zip(o.samples, r.samples))
+        samples = sum(len(o.samples) for o in faulted)
+        return {"fault_free_s": clean_s, "with_kill_s": faulted_s, "extra_s": faulted_s - clean_s,
+                "samples": samples, "expected_samples": len(prompts) * n, "identical": same,
+                "events": list(pool.events), "workers_after": pool.wait_ready()}
+    finally:
+        pool.close()
+
+
 def _warm_up(pool: RolloutPool, prompts: list[list[int]], n: int) -> None:
     """One short item per worker, so no timed rollout pays a worker's first-call costs."""
     count = max(pool.size, 1)
@@ -200,6 +231,7 @@ def run_distributed_bench(model: str = "smollm2-135m", prompts_file=None, num_pr
                   "scaling": scaling(model, prompts, n, tokens, list(workers), threads),
                   "long_tail": long_tail(model, prompts, n, [int(b) for b in budgets], max(workers), threads),
                   "budgets": [int(b) for b in budgets],
+                  "fault": fault(model, prompts, n, tokens, max(workers), threads),
                   "weight_sync": [weight_sync(model, llm.model, max(workers))]}
         del llm
         if big:
@@ -223,7 +255,11 @@ def format_distributed(result: dict) -> str:
     mean = {s: float(np.mean([r["seconds"] for r in tail if r["schedule"] == s])) for s in ("static", "queue")}
     tail_line = (f"long tail (budgets {min(result['budgets'])}-{max(result['budgets'])} tokens): static shards "
                  f"{mean['static']:.2f} s, queue {mean['queue']:.2f} s -> queue {mean['static'] / mean['queue']:.2f}x")
-    lines += ["", tail_line, "",
+    f = result["fault"]
+    fault_line = (f"worker killed half-way: {f['samples']}/{f['expected_samples']} samples, identical to the "
+                  f"fault-free run: {f['identical']}, {f['with_kill_s']:.2f} s vs {f['fault_free_s']:.2f} s "
+                  f"(+{f['extra_s']:.2f} s); pool back to {f['workers_after']} workers")
+    lines += ["", tail_line, fault_line, "",
               "| weights | dtype | MB | sync s (put + every worker loads) | put s | load s |", "| --- | --- | --- | --- | --- | --- |"]
     for row in result["weight_sync"]:
         lines.append(f"| {row['model']} | {row['dtype']} | {row['mb']:.0f} | {row['sync_s']:.3f} | {row['put_s']:.3f} | "
