@@ -8,6 +8,7 @@ import time
 import pytest
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # Ray workers start in seconds each: part of make test, not of test-fast
 
 from ray.cluster_utils import Cluster  # noqa: E402
 

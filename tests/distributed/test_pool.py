@@ -14,6 +14,7 @@ import pytest
 import torch
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # Ray workers start in seconds each: part of make test, not of test-fast
 
 from respec import LLM  # noqa: E402
 from respec.distributed.cluster import Connection  # noqa: E402
