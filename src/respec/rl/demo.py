@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import time
 
+from ..models.presets import DRAFTER_PRESETS, preset_key
 from .config import load_config
 from .metrics import read_metrics
 from .report import make_report, series
@@ -15,15 +16,27 @@ DEMO_OVERRIDES = [
     "out_dir=runs/demo", "steps=8", "eval_every=8", "eval_max_new_tokens=64", "checkpoint_every=0",
     "task.name=arithmetic", "task.levels=[1, 2]", "task.num_train=1000", "task.num_eval=64",
     "rollout.prompts_per_step=8", "rollout.group_size=8", "rollout.temperature=0.8", "rollout.max_new_tokens=64",
-    "rollout.speculative=adaptive", "rollout.drafters=[ngram]", "rollout.controller.max_draft_tokens=4",
+    "rollout.speculative=adaptive", "rollout.controller.max_draft_tokens=4",
     "rollout.compare_ar_every=4",
     "optim.lr=2e-6", "optim.warmup_steps=1", "optim.micro_batch_size=16",
 ]
 
 
+def drafter_overrides(model: str, extra: list[str]) -> list[str]:
+    """The full system where ReSpec ships a head for the model (the head and the n-gram drafter under
+    the adaptive controller, the online learner updating the head in the background); else, or when
+    the user picks the drafters or speculation, n-gram alone and no learner."""
+    key = preset_key(model)
+    heads = [name for name, preset in DRAFTER_PRESETS.items() if key is not None and preset.target == key]
+    if not heads or any(item.startswith(("rollout.drafters=", "rollout.speculative=")) for item in extra):
+        return ["rollout.drafters=[ngram]"]
+    return [f"rollout.drafters=[{heads[0]}, ngram]", "learner.mode=async", f"learner.drafter={heads[0]}"]
+
+
 def run_demo(model: str = "smollm2-135m", extra: list[str] | None = None) -> int:
     started = time.perf_counter()
-    config = load_config(None, [f"model={model}", *DEMO_OVERRIDES, *(extra or [])])
+    extra = extra or []
+    config = load_config(None, [f"model={model}", *DEMO_OVERRIDES, *drafter_overrides(model, extra), *extra])
     print(f"GRPO on {config.model}: {config.steps} steps x {config.rollout.prompts_per_step} prompts x "
           f"{config.rollout.group_size} samples, speculative rollouts ({config.rollout.speculative}, "
           f"drafters {config.rollout.drafters}), eval on {config.task.num_eval} held-out problems", flush=True)
