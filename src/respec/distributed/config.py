@@ -19,7 +19,8 @@ class DistributedConfig:
     address: str = "local"
     num_cpus: float = 1.0  # per rollout worker (also its torch thread count)
     num_gpus: float = 0.0  # per rollout worker
-    # Prompt groups per work item a worker pulls (0: about four items per worker, at least one group).
+    # Prompt groups per work item a worker pulls (0: guided, half of each worker's share of what is
+    # left: large items first for large batches, small ones last to balance the long tail).
     groups_per_item: int = 0
     learner_actor: bool = True  # an async/triggered online learner runs as its own Ray actor
     # Seconds a new worker may take to start (load its model) before the pool gives up on it.
@@ -42,9 +43,3 @@ class DistributedConfig:
         require(self.worker_start_timeout_s > 0, f"{prefix}.worker_start_timeout_s",
                 f"must be > 0, got {self.worker_start_timeout_s}")
         return self
-
-    def items_of(self, groups: int, workers: int) -> int:
-        """Prompt groups per work item for ``groups`` groups over ``workers`` workers."""
-        if self.groups_per_item:
-            return self.groups_per_item
-        return max(1, -(-groups // (4 * max(workers, 1))))

@@ -35,6 +35,8 @@ from .stats import merge_stats
 from .weights import pack_weights
 from .worker import RolloutWorker, WorkerSpec, WorkResult
 
+REPLACE_WAIT_S = 5.0  # how long a lost worker's resources may take to come back before the pool shrinks
+
 
 @dataclass
 class WorkerState:
@@ -61,6 +63,8 @@ class RolloutPool:
         self.drafters: dict[str, tuple[int, object]] = {}
         self._stats: dict[int, GenerationStats] = {}  # last cumulative counters per worker, dead ones kept
         self.events: list[str] = []  # deaths, replacements, shrinking and growing, for the run's log
+        self._next_item = 0
+        self._lost_at: float | None = None  # when a worker was lost that no replacement has taken over yet
         self.last: dict[str, float] = {}
         room, deadline = free_slots(config), time.perf_counter() + 10.0
         while room < config.rollout_workers and time.perf_counter() < deadline:  # resources of actors
@@ -133,11 +137,19 @@ class RolloutPool:
     def _lose(self, state: WorkerState, err: BaseException) -> None:
         self.live.pop(state.index, None)
         self.events.append(f"worker {state.index} lost ({type(err).__name__}); its item goes back to the queue")
+        self._lost_at = time.perf_counter()
+        self._replace_lost()
+
+    def _replace_lost(self) -> None:
+        """Start a replacement where the cluster has room; a lost worker's resources come back after a
+        moment, so the pool looks again for a few seconds before it goes on smaller."""
         if free_slots(self.config) >= 1:
             self._start_worker()
             self.events.append("a replacement worker is starting")
-        else:
+            self._lost_at = None
+        elif self._lost_at is not None and time.perf_counter() - self._lost_at > REPLACE_WAIT_S:
             self.events.append(f"no room for a replacement: the pool goes on with {len(self.live)} worker(s)")
+            self._lost_at = None
 
     def rescale(self) -> None:
         """Start workers up to ``rollout_workers`` where the cluster has room (a node joined)."""
@@ -209,43 +221,58 @@ class RolloutPool:
         self.rescale()
         if not self.live and not self.starting:
             raise RuntimeError("distributed: no rollout worker left and no room to start one")
-        queue = deque(self._items(len(prompts), schedule))
+        queue = deque(self._pieces(len(prompts), schedule))
         for state in self.live.values():
             state.busy_s = state.dispatch_s = 0.0
             state.items = state.tokens = 0
-        results: dict[int, WorkResult] = {}
+        results: dict[int, RequestOutput] = {}
         start = time.perf_counter()
         while queue or any(s.item is not None for s in self.live.values()):
             self._poll_sources(sources or {})
             self._admit_started(self.config.worker_start_timeout_s)
-            self._dispatch(queue, prompts, params)
+            self._dispatch(queue, prompts, params, whole=schedule == "static")
             self._collect(queue, results)
             if queue and not self.live and not self.starting:
-                raise RuntimeError(f"distributed: every rollout worker was lost with {len(queue)} work item(s) "
-                                   f"left and no room to start another")
+                raise RuntimeError(f"distributed: every rollout worker was lost with {sum(map(len, queue))} "
+                                   f"prompt group(s) left and no room to start another")
+            if len(self.live) + len(self.starting) < self.config.rollout_workers:
+                self._replace_lost()
         self._poll_sources(sources or {})
         self.last = {"wall_s": time.perf_counter() - start}
-        return [output for item in sorted(results) for output in results[item].outputs]
+        return [results[row] for row in range(len(prompts))]
 
-    def _items(self, count: int, schedule: str) -> list[tuple[int, list[int]]]:
+    def _pieces(self, count: int, schedule: str) -> list[list[int]]:
+        """The queue's content: one piece of every prompt group in request order, or static shards."""
         if schedule == "static":
             shards = max(1, len(self.live))
             bounds = [round(i * count / shards) for i in range(shards + 1)]
-            return [(i, list(range(bounds[i], bounds[i + 1]))) for i in range(shards) if bounds[i] < bounds[i + 1]]
+            return [list(range(bounds[i], bounds[i + 1])) for i in range(shards) if bounds[i] < bounds[i + 1]]
         if schedule != "queue":
             raise ValueError(f"schedule: must be 'queue' or 'static', got {schedule!r}")
-        size = self.config.items_of(count, len(self.live) or self.config.rollout_workers)
-        return [(i, list(range(lo, min(lo + size, count)))) for i, lo in enumerate(range(0, count, size))]
+        return [list(range(count))]
 
-    def _dispatch(self, queue: deque, prompts: list, params: list) -> None:
+    def _item_size(self, queue: deque) -> int:
+        """Guided self-scheduling: half of each worker's share of what is left, so the first items are
+        large (large batches) and the last ones small (they balance the long tail)."""
+        if self.config.groups_per_item:
+            return self.config.groups_per_item
+        left = sum(len(piece) for piece in queue)
+        return max(1, -(-left // (2 * max(len(self.live), 1))))
+
+    def _dispatch(self, queue: deque, prompts: list, params: list, whole: bool = False) -> None:
         for state in self.live.values():
             if state.item is not None or not queue:
                 continue
-            item, rows = queue.popleft()
-            ref = state.handle.generate.remote(item, [prompts[r] for r in rows], [params[r] for r in rows])
-            state.item = (ref, (item, rows), time.perf_counter())
+            piece = queue.popleft()
+            size = len(piece) if whole else self._item_size(deque([piece, *queue]))
+            rows, rest = piece[:size], piece[size:]
+            if rest:
+                queue.appendleft(rest)
+            self._next_item += 1
+            ref = state.handle.generate.remote(self._next_item, [prompts[r] for r in rows], [params[r] for r in rows])
+            state.item = (ref, rows, time.perf_counter())
 
-    def _collect(self, queue: deque, results: dict[int, WorkResult]) -> None:
+    def _collect(self, queue: deque, results: dict[int, RequestOutput]) -> None:
         running = {s.item[0]: s for s in self.live.values() if s.item is not None}
         waiting = list(running) + list(self.starting)
         if not waiting:
@@ -255,15 +282,15 @@ class RolloutPool:
             state = running.get(ref)
             if state is None:
                 continue  # a worker finished starting: admitted on the next pass
-            _, (item, rows), sent = state.item
+            _, rows, sent = state.item
             state.item = None
             try:
                 result: WorkResult = self.ray.get(ref)
             except self._lost_errors() as err:
-                queue.appendleft((item, rows))
+                queue.appendleft(rows)
                 self._lose(state, err)
                 continue
-            results[item] = result
+            results.update(zip(rows, result.outputs))
             self._stats[state.index] = result.stats
             state.busy_s += result.seconds
             state.dispatch_s += max(0.0, time.perf_counter() - sent - result.seconds)
