@@ -77,8 +77,7 @@ def scaling(model: str, prompts: list[list[int]], n: int, tokens: int, workers: 
 def long_tail(model: str, prompts: list[list[int]], n: int, budgets: list[int], workers: int, threads: int) -> list[dict]:
     params = _params(len(prompts), n, budgets, 0.7)
     per = max(1, threads // workers)
-    pool = RolloutPool(WorkerSpec(model, device="cpu"),
-                       DistributedConfig(rollout_workers=workers, num_cpus=per, groups_per_item=1).validate())
+    pool = RolloutPool(WorkerSpec(model, device="cpu"), DistributedConfig(rollout_workers=workers, num_cpus=per).validate())
     rows = []
     try:
         _warm_up(pool, prompts, n)
@@ -226,7 +225,7 @@ def run_distributed_bench(model: str = "smollm2-135m", prompts_file=None, num_pr
         llm = LLM(model, device="cpu")
         prompts = [llm.encode(q, chat=True) for q in load_questions(num_prompts, prompts_file)]
         rng = np.random.default_rng(0)
-        budgets = np.clip(np.round(np.exp(np.log(tokens / 2) + rng.standard_normal(num_prompts))), 8, tail_max)
+        budgets = np.clip(np.round(np.exp(np.log(tokens / 2) + 1.5 * rng.standard_normal(num_prompts))), 8, tail_max)
         result = {"model": model, "threads": threads, "prompts": num_prompts, "n": n, "tokens": tokens,
                   "scaling": scaling(model, prompts, n, tokens, list(workers), threads),
                   "long_tail": long_tail(model, prompts, n, [int(b) for b in budgets], max(workers), threads),

@@ -19,8 +19,8 @@ class DistributedConfig:
     address: str = "local"
     num_cpus: float = 1.0  # per rollout worker (also its torch thread count)
     num_gpus: float = 0.0  # per rollout worker
-    # Prompt groups per work item a worker pulls (0: guided, half of each worker's share of what is
-    # left: large items first for large batches, small ones last to balance the long tail).
+    # Prompt groups per work item a worker pulls (0: guided, each worker's share of what is left:
+    # large items first for large batches, shrinking ones to balance the long tail).
     groups_per_item: int = 0
     learner_actor: bool = True  # an async/triggered online learner runs as its own Ray actor
     # Seconds a new worker may take to start (load its model) before the pool gives up on it.

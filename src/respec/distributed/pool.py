@@ -252,12 +252,12 @@ class RolloutPool:
         return [list(range(count))]
 
     def _item_size(self, queue: deque) -> int:
-        """Guided self-scheduling: half of each worker's share of what is left, so the first items are
-        large (large batches) and the last ones small (they balance the long tail)."""
+        """Guided self-scheduling: each worker's share of what is left, so the first items are large
+        (decoding is cheapest per token in large batches) and later ones shrink (they balance the tail)."""
         if self.config.groups_per_item:
             return self.config.groups_per_item
         left = sum(len(piece) for piece in queue)
-        return max(1, -(-left // (2 * max(len(self.live), 1))))
+        return max(1, -(-left // max(len(self.live), 1)))
 
     def _dispatch(self, queue: deque, prompts: list, params: list, whole: bool = False) -> None:
         for state in self.live.values():
