@@ -164,6 +164,7 @@ class Engine:
         start, generated_before = time.perf_counter(), self.stats.generated_tokens
         last_refresh = start
         while queue or self.slots.active:
+            self._swap_drafters()
             self._admit(queue)
             done = self._decode_step()
             if progress:
@@ -246,6 +247,17 @@ class Engine:
         for each in self.drafters.values():
             each.copy_rows(src, dst, length)
 
+    def _swap_drafters(self) -> None:
+        """Newer published drafter weights enter between steps (before admitting new rows, so those
+        start with them)."""
+        if self.controller is None:
+            return
+        for name, drafter in self.drafters.items():
+            if drafter.source is not None and drafter.swap_if_newer():
+                self.controller.drafter_updated(name)
+                for seq in self.slots.sequences[:self.slots.active]:  # only on a swap: a few per run
+                    seq.drafter_versions[name].append(drafter.version)
+
     def _decode_step(self) -> int:
         """One step for every active row; returns how many sequences finished."""
         slots = self.slots
@@ -254,11 +266,6 @@ class Engine:
             return 0
         if self.controller is None:
             return self._ar_step(active)
-        for name, drafter in self.drafters.items():  # newer published weights enter between steps
-            if drafter.source is not None and drafter.swap_if_newer():
-                self.controller.drafter_updated(name)
-                for seq in self.slots.sequences[:active]:  # only on a swap: a few per run
-                    seq.drafter_versions[name].append(drafter.version)
         t0 = time.perf_counter()  # the decision is part of the step's cost
         arm = self.controller.choose(active)
         self.stats.arm_steps[arm.label] = self.stats.arm_steps.get(arm.label, 0) + 1
