@@ -186,13 +186,20 @@ class RolloutPool:
                 "load_s": max(load_s, default=0.0)}
 
     def publish_drafter(self, name: str, snapshot: DrafterSnapshot) -> None:
-        """Announce a drafter snapshot to every worker (it enters at their next decode step)."""
+        """Hand a drafter snapshot to every worker and wait until each holds it (a running rollout
+        takes it at its next decode step, the next rollout from its first)."""
         if name in self.drafters and self.drafters[name][0] >= snapshot.version:
             return
         ref = self.ray.put(snapshot)
         self.drafters[name] = (snapshot.version, ref)
-        for state in self.live.values():
-            state.handle.update_drafter.remote(name, snapshot.version, ref)
+        states = list(self.live.values())
+        calls = [state.handle.update_drafter.remote(name, snapshot.version, ref) for state in states]
+        for state, call in zip(states, calls):
+            try:
+                self.ray.get(call)
+            except self._lost_errors() as err:  # its item comes back through _collect; replaced there
+                self.events.append(f"worker {state.index} lost while taking drafter v{snapshot.version} "
+                                   f"({type(err).__name__})")
 
     def _poll_sources(self, sources: dict) -> None:
         for name, source in sources.items():
