@@ -77,8 +77,9 @@ def drafter_lines(by_version: dict[str, list[int]], rows: list[dict]) -> list[st
         taus = " ".join(f"v{v} {c[3] / c[0]:.2f}" for v, c in versions if c[0])
         lines.append(f"{name + ' acceptance:':<22}{taus} (tokens per verify step, by weights version)")
     _, published = series(rows, "drafter/published")
-    if published:
-        lines.append(f"online learner:       {int(published[-1])} head versions published, "
+    if published:  # a round still running at the last step publishes after it (the final eval drafts with it)
+        seen = max((int(key.split("@v")[1]) for key in by_version), default=0)
+        lines.append(f"online learner:       {max(int(published[-1]), seen)} head versions published, "
                      f"drafting lagged the actor by {max(series(rows, 'drafter/target_version_gap')[1], default=0):.0f} "
                      f"steps at most")
     return lines
