@@ -128,15 +128,24 @@ def test_a_drafter_published_mid_rollout_reaches_every_worker(local_ray, tiny_ll
         newer = random_head(model, seed=6, scale=0.1)
         snapshot = make_snapshot(newer, 1)
 
-        class Later:  # a source that publishes once the rollout is under way
-            version = 0
+        class Later:  # a source that publishes once every worker has decoded (the rollout is under way)
+            published = False
+
+            @property
+            def version(self) -> int:
+                if not self.published:
+                    self.published = all(ray.get(s.handle.progress.remote()) > started[s.index]
+                                         for s in eagle.live.values())
+                return int(self.published)
 
             def latest(self):
                 return snapshot
 
+        started = {s.index: ray.get(s.handle.progress.remote()) for s in eagle.live.values()}
+        long = [SamplingParams(n=4, temperature=1.0, max_new_tokens=200, ignore_eos=True, seed=100 + i)
+                for i in range(len(PROMPTS))]  # every row still decoding when the new head arrives
         source = Later()
-        threading.Timer(0.3, lambda: setattr(source, "version", 1)).start()
-        outputs = eagle.generate(PROMPTS, params(96), sources={name: source})
+        outputs = eagle.generate(PROMPTS, long, sources={name: source})
         seen = [s.drafter_versions[name] for o in outputs for s in o.samples]
         assert all(v == sorted(v) and set(v) <= {0, 1} for v in seen)
         assert any(1 in v for v in seen)
@@ -163,7 +172,7 @@ def test_a_failing_learner_actor_is_isolated_and_reported(pool, tiny_llama, head
         broken = Sample(tokens=torch.arange(8), prompt_len=3, features=torch.zeros(8, width, dtype=torch.bfloat16),
                         target=torch.zeros(4, local.model.config.vocab_size, dtype=torch.bfloat16),
                         target_index=None, reward=1.0, advantage=1.0, step=0)
-        learner.call("add_samples", ray.put([broken]))
+        assert learner.get(learner.call("add_samples", ray.put([broken]))) == 8  # in the buffer before the round
         learner.after_update(local.model, 0, None)
         learner.wait_idle(timeout=60)
         with pytest.warns(RuntimeWarning, match="learner actor failed"):
