@@ -258,12 +258,11 @@ class RolloutPool:
             raise ValueError(f"schedule: must be 'queue' or 'static', got {schedule!r}")
         return [list(range(count))]
 
-    def _item_size(self, queue: deque) -> int:
+    def _item_size(self, left: int) -> int:
         """Guided self-scheduling: each worker's share of what is left, so the first items are large
         (decoding is cheapest per token in large batches) and later ones shrink (they balance the tail)."""
         if self.config.groups_per_item:
             return self.config.groups_per_item
-        left = sum(len(piece) for piece in queue)
         return max(1, -(-left // max(len(self.live), 1)))
 
     def _dispatch(self, queue: deque, prompts: list, params: list, whole: bool = False) -> None:
@@ -271,7 +270,7 @@ class RolloutPool:
             if state.item is not None or not queue:
                 continue
             piece = queue.popleft()
-            size = len(piece) if whole else self._item_size(deque([piece, *queue]))
+            size = len(piece) if whole else self._item_size(len(piece) + sum(map(len, queue)))
             rows, rest = piece[:size], piece[size:]
             if rest:
                 queue.appendleft(rest)

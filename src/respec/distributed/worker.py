@@ -14,7 +14,7 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -47,7 +47,6 @@ class WorkResult:
     tokens: int
     stats: GenerationStats  # the worker's cumulative counters after this item (no decision trace)
     worker: int = -1
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 class RolloutWorker:
