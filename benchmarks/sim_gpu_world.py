@@ -12,8 +12,8 @@ one PNG per world (k against the active batch over the first and last rollout).
     python benchmarks/sim_gpu_world.py --out runs/sim-gpu-world --worlds 0,7 --what-if
 
 ``--what-if`` adds two variants of ours, each the same controller code: exploration off (a
-ControllerConfig setting), and an engine whose idle head absorbs each full shadow block while it sits
-out, so it never lags (``World.head_absorbs``).
+ControllerConfig setting), and an engine whose idle head never absorbs its full shadow block while it
+sits out, so it lags and re-reads from the target when switched on (``World.head_absorbs=False``).
 """
 
 from __future__ import annotations
@@ -102,17 +102,17 @@ def check_calibration() -> list[dict]:
     return rows
 
 
-def absorbing_run(world) -> PolicyRun:
-    """Ours in the same world (same draws) with an engine whose idle head never lags."""
-    run = run_world(replace(world, head_absorbs=True), [OursPolicy(seed=world.seed)])[0]
-    run.policy.name = "what-if: ours, idle head absorbs its shadow"
+def lagging_run(world) -> PolicyRun:
+    """Ours in the same world (same draws) with an engine whose idle head lags once its shadow is full."""
+    run = run_world(replace(world, head_absorbs=False), [OursPolicy(seed=world.seed)])[0]
+    run.policy.name = "what-if: ours, idle head never absorbs its shadow"
     return run
 
 
 def run_one(world, what_if: bool, out: Path) -> dict:
     started = time.perf_counter()
     policies = default_policies(world) + (what_if_policies(world.seed) if what_if else [])
-    runs = run_world(world, policies) + ([absorbing_run(world)] if what_if else [])
+    runs = run_world(world, policies) + ([lagging_run(world)] if what_if else [])
     summary = summarize(world, runs, world_bounds(world))
     summary["plot"] = f"{slug(world.name)}.png"
     plot_k_vs_batch(world, runs, out / summary["plot"])

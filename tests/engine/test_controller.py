@@ -319,6 +319,30 @@ def test_a_shadowed_drafter_pays_only_its_own_extend_pass():
     assert reread_all == pytest.approx(ctl.cost._profiled(8, 40) + own)
 
 
+def test_an_idle_drafter_is_kept_warm_only_where_it_pays_at_the_tail():
+    """Absorbing an idle head's shadow costs a head pass: worth it only for a drafter predicted to beat
+    plain decoding (within the exploration margin) at batch 1, where every rollout ends."""
+    ctl = controller(drafters={"eagle": "target"})
+    feed(ctl, 1, 40, accepted=4)  # every draft accepted: drafting pays
+    assert ctl.keeps_warm("eagle")
+    ctl = controller(drafters={"eagle": "target"}, explore=False)
+    feed(ctl, 1, 40, accepted=0, draft_step_s=0.02)  # rarely right, and each draft costs two AR steps
+    assert not ctl.keeps_warm("eagle")
+    assert not ctl.keeps_warm("unknown") and not StaticController(Arm("eagle", 2)).keeps_warm("eagle")
+
+
+def test_a_drafter_synced_while_idle_costs_nothing_to_switch_on_and_teaches_no_catch_up():
+    ctl = controller(drafters={"eagle": "target"})
+    ctl.prefill_pending("eagle")
+    for _ in range(30):
+        ctl.record(OFF, 8, 0.02, 0.0, None, 8)
+    assert ctl.switch_time(Arm("eagle", 2), 8) > 0
+    ctl.drafter_synced("eagle")
+    assert ctl.switch_time(Arm("eagle", 2), 8) == 0
+    assert "eagle" not in ctl._prefill_pending  # the absorb ran the deferred prefill
+    ctl.drafter_synced("unknown")  # not one of its drafters: ignored
+
+
 def test_prediction_error_is_small_after_warm_up():
     ctl = controller()
     feed(ctl, 4, 60, accepted=2)
@@ -361,9 +385,10 @@ class CyclingController:
 
     times_drafter = False
 
-    def __init__(self, schedule: list[Arm]) -> None:
-        self.schedule, self.step, self.trace = schedule, 0, []
+    def __init__(self, schedule: list[Arm], warm: bool = False) -> None:
+        self.schedule, self.step, self.trace, self.warm = schedule, 0, [], warm
         self.max_k = max(arm.k for arm in schedule)
+        self.synced: list[str] = []
 
     def choose(self, batch: int) -> Arm:
         self.step += 1
@@ -380,6 +405,12 @@ class CyclingController:
 
     def drafters_synced(self) -> None:
         pass
+
+    def drafter_synced(self, name: str) -> None:
+        self.synced.append(name)
+
+    def keeps_warm(self, name: str) -> bool:
+        return self.warm
 
 
 SCHEDULE = [OFF, OFF, Arm("eagle", 2), Arm("ngram", 3), OFF, Arm("self:1", 4), Arm("self:1", 1), Arm("eagle", 4),
@@ -420,9 +451,10 @@ def test_catch_up_keeps_drafters_exact(target):
 
 
 
-def eagle_drafts(model, tokenizer, head, schedule, shadow_limit: int) -> tuple[dict, list[int]]:
+def eagle_drafts(model, tokenizer, head, schedule, shadow_limit: int, warm: bool = False) -> tuple[dict, list[int]]:
     """Every draft the head proposed, keyed by (prompt, tokens generated so far), and the positions per
-    row each catch-up had to re-read from the target."""
+    row each catch-up had to re-read from the target; ``warm``: the controller keeps the idle head in
+    sync (the engine absorbs full shadow blocks while it sits out)."""
     llm = LLM(model, tokenizer=tokenizer, drafter=[EagleDrafter(head, model, shadow_limit=shadow_limit), "ngram"],
               speculative=ControllerConfig(max_draft_tokens=2, profile_cache=""))
     seen = {}
@@ -442,9 +474,11 @@ def eagle_drafts(model, tokenizer, head, schedule, shadow_limit: int) -> tuple[d
         catch_up(state, target, cache)
 
     drafter.propose, drafter.catch_up = spy, catch_up_spy
-    llm.engine.controller = CyclingController(schedule)
+    llm.engine.controller = CyclingController(schedule, warm)
     llm.generate(prompts(4, model.config.vocab_size), SamplingParams(temperature=0, max_new_tokens=30,
                                                                      ignore_eos=True), progress=False)
+    assert set(llm.engine.controller.synced) <= {"eagle"}
+    assert (llm.stats.absorb_s > 0) == bool(llm.engine.controller.synced)
     return seen, reread
 
 
@@ -462,6 +496,23 @@ def test_eagle_drafts_after_sitting_out_equal_those_of_a_head_that_never_did(tar
     assert len(shared) >= 8
     for key in shared:
         assert gaps[key] == always[key], key
+
+
+@pytest.mark.parametrize("shadow_limit", [3, 5])
+def test_an_idle_head_that_absorbs_full_blocks_never_lags_and_drafts_the_same(target, shadow_limit):
+    """Kept warm, the head runs each full shadow block while it still sits out: no catch-up ever re-reads
+    the target, and its drafts still equal those of a head that ran every step."""
+    model, tokenizer = target
+    head = random_head(model, seed=3)
+    schedule = [OFF, Arm("eagle", 2), OFF, Arm("ngram", 2), OFF, OFF, OFF, OFF, OFF, OFF, OFF]
+    always, _ = eagle_drafts(model, tokenizer, head, [Arm("eagle", 2)], shadow_limit)
+    cold, cold_reread = eagle_drafts(model, tokenizer, head, schedule, shadow_limit)
+    warm, warm_reread = eagle_drafts(model, tokenizer, head, schedule, shadow_limit, warm=True)
+    assert max(cold_reread) > 0 and warm_reread and max(warm_reread) == 0
+    shared = set(always) & set(warm)
+    assert len(shared) >= 8
+    for key in shared:
+        assert warm[key] == always[key], key
 
 
 def test_adaptive_llm_runs_and_reports_a_trace(target, tmp_path):

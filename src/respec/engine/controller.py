@@ -81,6 +81,12 @@ class StaticController:
     def drafter_lag(self, name: str, tokens: int) -> None:
         pass
 
+    def drafter_synced(self, name: str) -> None:
+        pass
+
+    def keeps_warm(self, name: str) -> bool:
+        return False
+
     def prefill_pending(self, name: str) -> None:
         pass
 
@@ -184,6 +190,22 @@ class AdaptiveController:
         none has anything to catch up on."""
         for name in self.missed:
             self.missed[name] = self.reread[name] = 0.0
+
+    def drafter_synced(self, name: str) -> None:
+        """``name`` caught up while sitting out (the engine absorbed its pending block): switching it on
+        costs nothing until it misses more steps, and that catch-up ran no deferred prefill."""
+        if name in self.missed:
+            self.missed[name] = self.reread[name] = 0.0
+            self._prefill_pending.discard(name)
+
+    def keeps_warm(self, name: str) -> bool:
+        """Whether an idle drafter is worth keeping in sync while it sits out: its best arm at batch 1
+        (where a rollout's tail ends) is predicted within ``explore_margin`` of plain decoding."""
+        arms = [OFF] + [arm for arm in self.arms if arm.drafter == name]
+        if len(arms) == 1:
+            return False
+        _, steady = self._goodputs(arms, 1)
+        return bool(steady[1:].max() >= (1 - self.tuning.explore_margin) * steady[0])
 
     def drafter_lag(self, name: str, tokens: int) -> None:
         """``name`` sat out the last step but kept up: its catch-up would re-read only ``tokens`` per row."""

@@ -28,8 +28,9 @@ from .rng import random_seed, uniforms
 from .sampling import sample
 from .slots import Sequence, SlotTable
 from .speculation import ControllerConfig
-from .speculative import speculative_step
+from .speculative import absorb_idle, speculative_step
 from .stats import GenerationStats
+from .stops import stop_string_hits
 from .transfer import to_device
 from .verify import verify_drafts
 
@@ -277,7 +278,14 @@ class Engine:
             self._synced.clear()
             self.controller.record(OFF, active, time.perf_counter() - t0, 0.0, None, active)
         for name, drafter in idle.items():  # kept up while it sat out: only what it could not keep is missed
-            self.controller.drafter_lag(name, drafter.lag(self.slots.host_lengths[:self.slots.active]))
+            if drafter.absorb_due(self.slots.active) and self.controller.keeps_warm(name):
+                seconds = absorb_idle(self.model, self.cache, self.slots, drafter)
+                self.stats.absorb_s += seconds
+                self.stats.decode_s += seconds
+                self._synced.add(name)
+                self.controller.drafter_synced(name)
+            else:
+                self.controller.drafter_lag(name, drafter.lag(self.slots.host_lengths[:self.slots.active]))
         return finished
 
     def _ar_step(self, active: int, shadowing: list[Drafter] = ()) -> int:
@@ -340,33 +348,7 @@ class Engine:
 
     def _stop_string_hits(self, lo: int, hi: int, already: list[int],
                           before: np.ndarray | None = None) -> list[int]:
-        if self.slots.stop_string_rows == 0:  # the common case: no text to look at, no loop over rows
-            return []
-        # Rows that end anyway are checked too: a stop string completed earlier in the block wins.
-        rows = [r for r in range(lo, hi) if self.slots.sequences[r].params.stop]
-        if not rows:
-            return []
-        if self.decode_text is None:
-            raise ValueError("stop: stop strings need a tokenizer; use LLM or pass decode_text to Engine")
-        hits = []
-        for slot in rows:
-            seq = self.slots.sequences[slot]
-            count = int(self.slots.host_generated[slot])
-            longest = max(len(s) for s in seq.params.stop)
-            # A character spans at most 4 byte-level tokens: this tail holds any completed stop string.
-            # A speculative step may emit several tokens: end at the first one completing a stop string.
-            first = count if before is None else int(before[slot - lo]) + 1
-            for end in range(first, count + 1):
-                tail = self.slots.out_tokens[slot, max(0, end - 4 * longest - 4): end].tolist()
-                text = self.decode_text(tail)
-                hit = next((s for s in seq.params.stop if s in text), None)
-                if hit is not None:
-                    seq.stop_text_hit = hit
-                    self.slots.host_generated[slot] = end
-                    if slot not in already:
-                        hits.append(slot)
-                    break
-        return hits
+        return stop_string_hits(self.slots, self.decode_text, lo, hi, already, before)
 
     def _finish(self, slot: int) -> None:
         seq = self.slots.collect(slot)

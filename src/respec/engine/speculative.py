@@ -94,13 +94,8 @@ def _draft(model: DecoderLM, cache: KVCache, slots: SlotTable, drafter: Drafter,
            time_drafter: bool) -> tuple[Proposal, float, float]:
     """The drafter's catch-up (when it sat out steps) and proposal for the active rows; returns the
     proposal and the seconds of each part (device work included only when ``time_drafter``)."""
-    batch = slots.active
-    host_generated = slots.host_generated[:batch]
-    state = DraftState(last_token=slots.last_token[:batch], prev_token=slots.prev_token[:batch],
-                       lengths=slots.lengths[:batch], host_lengths=slots.host_lengths[:batch],
-                       sequences=slots.sequences[:batch], generated=slots.generated[:batch],
-                       host_generated=host_generated, out_tokens=slots.out_tokens[:batch])
-    sampler = DraftSampler(slots.row_params(0, batch), slots.keys[:batch], host_generated, model.device)
+    batch, state = slots.active, draft_state(slots)
+    sampler = DraftSampler(slots.row_params(0, batch), slots.keys[:batch], state.host_generated, model.device)
     sync = time_drafter and model.device.type == "cuda"
     started = time.perf_counter()
     catch_up_seconds = 0.0
@@ -113,6 +108,25 @@ def _draft(model: DecoderLM, cache: KVCache, slots: SlotTable, drafter: Drafter,
     if sync:
         torch.cuda.synchronize(model.device)
     return proposal, time.perf_counter() - started - catch_up_seconds, catch_up_seconds
+
+
+def draft_state(slots: SlotTable) -> DraftState:
+    """The active rows as a drafter sees them between steps."""
+    batch = slots.active
+    return DraftState(last_token=slots.last_token[:batch], prev_token=slots.prev_token[:batch],
+                      lengths=slots.lengths[:batch], host_lengths=slots.host_lengths[:batch],
+                      sequences=slots.sequences[:batch], generated=slots.generated[:batch],
+                      host_generated=slots.host_generated[:batch], out_tokens=slots.out_tokens[:batch])
+
+
+def absorb_idle(model: DecoderLM, cache: KVCache, slots: SlotTable, drafter: Drafter) -> float:
+    """Between steps: run an idle drafter's pending block through it now (its ``catch_up``), so it stays
+    in sync while it sits out; returns the seconds it took (device work included)."""
+    started = time.perf_counter()
+    drafter.catch_up(draft_state(slots), model, cache)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    return time.perf_counter() - started
 
 
 def _verify_uniforms(slots: SlotTable, batch: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

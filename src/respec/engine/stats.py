@@ -80,6 +80,7 @@ class GenerationStats:
     decode_steps: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    absorb_s: float = 0.0  # idle drafters catching up between steps (see ``Drafter.absorb_due``)
     spec: SpecStats = field(default_factory=SpecStats)
     arm_steps: dict[str, int] = field(default_factory=dict)  # decode steps per arm ("off", "ngram:4", ...)
     trace: list[StepRecord] = field(default_factory=list)  # per-step decisions (adaptive controller)

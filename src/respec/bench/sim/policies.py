@@ -41,6 +41,13 @@ class ArPolicy:
     def observe(self, outcome: StepOutcome) -> None:
         pass
 
+    def keeps_warm(self) -> bool:
+        """A policy that drafts at some batch keeps the idle head in sync."""
+        return True
+
+    def absorbed(self) -> None:
+        pass
+
 
 class StaticPolicy(ArPolicy):
     drafts = True
@@ -90,6 +97,9 @@ class SolverPolicy(ArPolicy):
 
     def choose(self, batch: int) -> Arm:
         return self.arms[min(batch, len(self.arms)) - 1]
+
+    def keeps_warm(self) -> bool:
+        return any(arm.drafter is not None for arm in self.arms)
 
 
 class ThresholdPolicy(ArPolicy):
@@ -149,5 +159,9 @@ class OursPolicy(ArPolicy):
         self.controller.record(o.arm, o.batch, o.seconds, o.draft_seconds, o.accepted, o.emitted, o.catch_up_seconds)
         if o.arm.drafter is None:  # the engine reports an idle drafter's lag after each step it sat out
             self.controller.drafter_lag(DRAFTER, o.lag)
-        if o.synced:  # what-if engine (``World.head_absorbs``): the head caught up while sitting out
-            self.controller.drafters_synced()
+
+    def keeps_warm(self) -> bool:
+        return self.controller.keeps_warm(DRAFTER)
+
+    def absorbed(self) -> None:
+        self.controller.drafter_synced(DRAFTER)

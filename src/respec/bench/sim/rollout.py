@@ -9,9 +9,10 @@ differ only by their choices. The clock advances by the roofline cost (hardware.
 noise. The drafter's state follows the engine's EAGLE head: the prompt is its first pending block
 (deferred prefill), steps it sits out are shadowed up to ``shadow_limit`` decoded entries per row, past
 that a row lags and its catch-up re-reads the missed positions from the target; switching on pays one
-catch-up (``StepCosts.catch_up``) inside the step. ``World.head_absorbs`` simulates an engine change
-(not the engine as it is): while the head sits out, a row's full shadow block is run through the head
-within that step, so the head never lags, and the engine tells the controller the drafter is in sync.
+catch-up (``StepCosts.catch_up``) inside the step. As the engine does (``Drafter.absorb_due``), once a
+row's shadow block could not take another verify block and the policy keeps the head warm, the head
+absorbs every row's block after that step (a catch-up on the clock, outside the step the policy
+measured) and the policy hears that it is in sync; ``World.head_absorbs=False`` turns that off.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class World:
     row_spread: float = 0.3  # sd of each row's logit shift of the curve (prompts differ)
     noise: float = 0.03  # lognormal sd of each step's time
     shadow_limit: int = 256
-    head_absorbs: bool = False  # what-if: the engine absorbs full shadow blocks while the head sits out
+    head_absorbs: bool = True  # the engine absorbs full shadow blocks while the head sits out
     max_k: int = MAX_K
     seed: int = 0
 
@@ -80,7 +81,6 @@ class StepOutcome:
     accepted: np.ndarray | None  # per active row, None for an off step
     emitted: int
     lag: int  # after an off step: tokens per row the drafter could not shadow (``drafter.lag``)
-    synced: bool = False  # what-if ``head_absorbs``: the head absorbed its shadow in this step
 
 
 class Policy(Protocol):
@@ -92,6 +92,10 @@ class Policy(Protocol):
     def choose(self, batch: int) -> Arm: ...
 
     def observe(self, outcome: StepOutcome) -> None: ...
+
+    def keeps_warm(self) -> bool: ...  # absorb the idle head's full shadow blocks (``controller.keeps_warm``)
+
+    def absorbed(self) -> None: ...  # the idle head absorbed its shadow after the last step
 
 
 @dataclass
@@ -106,6 +110,7 @@ class RolloutResult:
     drafted: int = 0
     accepted: int = 0
     catch_up_seconds: float = 0.0
+    absorb_seconds: float = 0.0
 
     @property
     def accept_len(self) -> float:
@@ -142,11 +147,9 @@ class _HeadState:
         self.gap[rows[~fits]] += 1
         return int(self.gap[rows].max(initial=0))
 
-    def absorb(self, costs: StepCosts, rows: np.ndarray, context: float) -> float:
-        """The what-if engine: once a row's shadow block is full, run every row's block through the head."""
-        if not np.any(self.shadowed[rows] >= self.limit):
-            return 0.0
-        return self.catch_up(costs, rows, context)
+    def absorb_due(self, rows: np.ndarray, block: int) -> bool:
+        """A row's shadow block could not take one more verify block (``EagleDrafter.absorb_due``)."""
+        return self.limit > 0 and bool(np.any(self.shadowed[rows] >= max(1, self.limit - block + 1)))
 
     def catch_up(self, costs: StepCosts, rows: np.ndarray, context: float) -> float:
         reread = float(self.gap[rows].max(initial=0))
@@ -170,21 +173,25 @@ def run_rollout(world: World, policy: Policy, rl_step: int, draws: Draws | None 
         arm = policy.choose(batch)
         if arm.drafter is None:
             seconds, draft_s, catch_s, hits, emitted = costs.target(batch, 1, context), 0.0, 0.0, None, 1
-            absorbed = head.absorb(costs, active, context) if world.head_absorbs and policy.drafts else 0.0
             lag = head.sit_out(active)
-            seconds += absorbed
         else:
             catch_s = head.catch_up(costs, active, context)
             step_s, draft_s = costs.chain_step(batch, arm.k, context)
             hits = _chain_hits(draws, active, generated[active], arm.k)
-            seconds, emitted, lag, absorbed = step_s + catch_s, hits + 1, 0, 0.0
+            seconds, emitted, lag = step_s + catch_s, hits + 1, 0
             result.drafted += int(np.minimum(arm.k, draws.budgets[active] - generated[active] - 1).sum())
             result.accepted += int(hits.sum())
         factor = float(draws.noise[min(result.steps, len(draws.noise) - 1)])
         generated[active] += emitted
         total_emitted = batch if hits is None else int(emitted.sum())
         policy.observe(StepOutcome(arm, batch, seconds * factor, draft_s * factor, catch_s * factor, hits,
-                                   total_emitted, lag, absorbed > 0))
+                                   total_emitted, lag))
+        if arm.drafter is None and world.head_absorbs and policy.drafts \
+                and head.absorb_due(active, world.max_k + 1) and policy.keeps_warm():
+            absorbed = head.catch_up(costs, active, context) * factor
+            policy.absorbed()
+            result.absorb_seconds += absorbed
+            result.decode_seconds += absorbed
         result.decode_seconds += seconds * factor
         result.catch_up_seconds += catch_s * factor
         result.steps += 1

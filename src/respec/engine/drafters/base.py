@@ -159,6 +159,11 @@ class Drafter:
         """The target ran a step this drafter sat out (``capture_layers`` captured): keep what it needs
         so that switching it back on needs no target pass. Only drafters with ``shadows`` get this."""
 
+    def absorb_due(self, batch: int) -> bool:
+        """After a step this drafter sat out: whether a row's kept state is full, so that the engine
+        should run ``catch_up`` now (while idle) rather than let the row fall behind."""
+        return False
+
     def lag(self, host_lengths: np.ndarray) -> int:
         """Positions per row (the most over the rows) that a ``catch_up`` would have to re-read."""
         return 0

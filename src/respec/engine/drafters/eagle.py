@@ -11,7 +11,9 @@ the residual or bonus token.
 While the controller runs other arms, the engine captures the fused layers in those steps too and
 ``shadow`` appends them to the pending block (up to ``shadow_limit`` decoded entries per row), so switching
 the head back on costs no target pass: ``catch_up`` runs the block through the head in one extend
-forward. Past the limit a row stops growing and ``catch_up`` re-reads the rest from the target first.
+forward. When a row's block is full (``absorb_due``) and the controller expects to draft again, the
+engine runs that catch-up while the head still sits out, so the head never lags; otherwise a full
+row stops growing and the next ``catch_up`` re-reads the rest from the target first.
 The limit is long (256) because an RL rollout's tail, where the head pays again, comes after a
 stretch of large-batch AR steps; the block costs 3 x hidden_size values per entry and row.
 
@@ -129,6 +131,13 @@ class EagleDrafter(Drafter):
         grown = self.host_count[:batch] + added
         self.count[:batch] = to_device(grown, fresh.device)
         self.host_count[:batch] = grown
+
+    def absorb_due(self, batch: int) -> bool:
+        """A row's shadow block could not take one more verify block: absorb before it starts to lag."""
+        if self.shadow_limit == 0:
+            return False
+        shadowed = self.host_count[:batch] - self.host_prompt[:batch]
+        return bool((shadowed >= max(1, self.shadow_limit - self.block + 1)).any())
 
     def lag(self, host_lengths: np.ndarray) -> int:
         batch = len(host_lengths)
