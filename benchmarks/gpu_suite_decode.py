@@ -15,6 +15,7 @@ from respec.bench.audit import run_audit
 from respec.bench.throughput import _respec_runner, _seconds, _transformers_runner
 
 WARM_UP_TOKENS = 4  # each arm's first run at a batch size: allocations, kernel selection
+GRAPH_AGREEMENT: dict[int, float] = {}  # batch -> greedy token agreement, CUDA graphs vs eager
 
 
 # ------------------------------------------------------------------------------------------ parity
@@ -162,7 +163,10 @@ def step_split(llm, prompts: list[list[int]], new_tokens: int, temperature: floa
 def throughput(ctx, sizes, budget: Budget) -> dict:
     """bench.throughput's two arms (greedy, exactly ``new_tokens`` per row, prefill included) per batch,
     then the step split of ReSpec's AR step at that batch, greedy and at T = 0.7."""
-    hf, llm, rows, splits = ctx.hf(), ctx.llm, [], []
+    hf, llm, rows, splits, graph_error = ctx.hf(), ctx.llm, [], [], None
+    # On a GPU a third arm: the same engine with its plain decode steps replayed as CUDA graphs.
+    graphed = LLM(llm.model, tokenizer=llm.tokenizer, max_num_seqs=llm.engine.max_num_seqs,
+                  cuda_graphs=True) if llm.model.device.type == "cuda" else None
     for batch in sizes.batches:
         if not budget.take(f"batch {batch}"):
             continue
@@ -170,6 +174,8 @@ def throughput(ctx, sizes, budget: Budget) -> dict:
         arms, warm = ({"respec": _respec_runner(llm, prompts, tokens),
                        "transformers": _transformers_runner(hf, llm, prompts, tokens)}
                       for tokens in (sizes.new_tokens, WARM_UP_TOKENS))
+        if graphed is not None and graph_error is None:
+            graph_error = _add_graph_arm(llm, graphed, prompts, sizes.new_tokens, arms, warm)
         seconds = _timed_arms(arms, warm, sizes.repeats)
         for name, s in seconds.items():
             rows.append({"system": name, "batch": batch, "seconds": s, "tokens_per_s": batch * sizes.new_tokens / s,
@@ -177,8 +183,28 @@ def throughput(ctx, sizes, budget: Budget) -> dict:
         for temperature in (0.0, 0.7):
             splits.append({"batch": batch, "temperature": temperature,
                            **step_split(llm, prompts, sizes.split_tokens, temperature)})
+    note = f"\n\nCUDA graphs arm dropped: {graph_error}" if graph_error else ""
     return {"new_tokens": sizes.new_tokens, "repeats": sizes.repeats, "rows": rows, "step_split": splits,
-            "skipped_sizes": budget.skipped, "markdown": _throughput_markdown(rows, splits)}
+            "cuda_graphs_error": graph_error, "cuda_graphs_agreement": dict(GRAPH_AGREEMENT),
+            "skipped_sizes": budget.skipped,
+            "markdown": _throughput_markdown(rows, splits) + note}
+
+
+def _add_graph_arm(llm, graphed, prompts: list[list[int]], new_tokens: int, arms: dict, warm: dict) -> str | None:
+    """Add the CUDA-graph arm, with its greedy token agreement with the eager engine on these prompts
+    (bf16 may flip near-ties: padded context changes the rounding); a failure leaves it out and says
+    why (the other arms' figures stand either way)."""
+    try:
+        params = SamplingParams(temperature=0, max_new_tokens=WARM_UP_TOKENS * 4, ignore_eos=True)
+        want = [o.samples[0].token_ids for o in llm.generate(prompts, params, progress=False)]
+        got = [o.samples[0].token_ids for o in graphed.generate(prompts, params, progress=False)]
+    except Exception as err:  # noqa: BLE001 -- a capture failure must not cost the eager figures
+        return f"{type(err).__name__}: {err}"
+    same = sum(a == b for w, g in zip(want, got) for a, b in zip(w, g))
+    GRAPH_AGREEMENT[len(prompts)] = same / max(sum(len(w) for w in want), 1)
+    arms["respec+graphs"] = _respec_runner(graphed, prompts, new_tokens)
+    warm["respec+graphs"] = _respec_runner(graphed, prompts, WARM_UP_TOKENS)
+    return None
 
 
 def _throughput_markdown(rows: list[dict], splits: list[dict]) -> str:

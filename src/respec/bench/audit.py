@@ -151,12 +151,12 @@ def always_accept(llm: LLM):
     engine = llm.engine
     real = engine.verify
 
-    def broken(target, drafts, draft_logprobs, accept_u, resample_u, greedy, lens=None):
+    def broken(target, drafts, draft_logprobs, accept_u, resample_u, greedy, lens=None, **options):
         forced = torch.full_like(accept_u, 1e-300) if accept_u is not None else None
         if draft_logprobs is None:  # deterministic drafts: as a one-hot q, so the forced test applies
             draft_logprobs = torch.full((*drafts.shape, target.shape[-1]), -torch.inf, dtype=target.dtype,
                                         device=target.device).scatter_(-1, drafts[..., None], 0.0)
-        return real(target, drafts, draft_logprobs, forced, resample_u, greedy, lens)
+        return real(target, drafts, draft_logprobs, forced, resample_u, greedy, lens, **options)
 
     engine.verify = broken
     try:

@@ -23,6 +23,7 @@ from ..models.kernel_tuning import tune_linear_kernels
 from .cache import KVCache
 from .controller import OFF, Arm, make_controller
 from .drafters.base import Drafter, TargetTrace, check_vocab
+from .graphs import DecodeGraphs
 from .params import SamplingParams
 from .rng import random_seed, uniforms
 from .sampling import sample
@@ -58,6 +59,7 @@ class Engine:
         decode_text: Callable[[list[int]], str] | None = None,
         drafter: Drafter | dict[str, Drafter] | None = None,
         speculative: int | str | ControllerConfig | None = None,
+        cuda_graphs: bool = False,
     ) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs: must be >= 1, got {max_num_seqs}")
@@ -84,6 +86,9 @@ class Engine:
         self.cache: KVCache | None = None
         self.slots = SlotTable(0, 0, 0, model.device)  # sized per generate() call in _prepare
         self._synced: set[str] = set()  # drafters whose state covers every active row's tokens
+        # Plain decode steps as replayed CUDA graphs (graphs.py); a test may set a fake-capturing one.
+        self.cuda_graphs = cuda_graphs and model.device.type == "cuda"
+        self.graphs: DecodeGraphs | None = None
 
     @property
     def draft_tokens(self) -> int:
@@ -145,8 +150,10 @@ class Engine:
             raise ValueError(f"kv_cache_bytes: {self.kv_cache_bytes} holds {rows} rows of {max_len} tokens, "
                              f"but a request needs {widest} rows")
         if self.cache is None or not self.cache.fits(rows, max_len):
-            self.cache = None  # free the old one before allocating
+            self.cache = self.graphs = None  # free the old ones before allocating
             self.cache = KVCache(self.model.config, rows, max_len, self.model.dtype, self.model.device)
+        if self.cuda_graphs and (self.graphs is None or self.graphs.cache is not self.cache):
+            self.graphs = DecodeGraphs(self.model, self.cache)
         max_stop = max(len(s.stop_ids) for g in groups for s in g)
         self.slots = SlotTable(rows, max(g[0].params.max_new_tokens for g in groups), max_stop, self.model.device,
                                block=self.draft_tokens + 1)
@@ -293,14 +300,17 @@ class Engine:
         slots = self.slots
         kv_len = int(slots.host_lengths[:active].max()) + 1
         capture = tuple(sorted({layer for d in shadowing for layer in d.capture_layers}))
-        out = self.model(slots.last_token[:active, None], slots.lengths[:active, None], cache=self.cache,
-                         rows=slice(0, active), kv_len=kv_len, capture_layers=capture)
+        if self.graphs is not None and self.graphs.cache is self.cache:
+            out, logits = self.graphs.run(slots.last_token[:active], slots.lengths[:active], kv_len, capture)
+        else:
+            out = self.model(slots.last_token[:active, None], slots.lengths[:active, None], cache=self.cache,
+                             rows=slice(0, active), kv_len=kv_len, capture_layers=capture)
+            logits = self.model.logits(out.hidden[:, -1])
         if shadowing:
             trace = _one_position_trace(out.captured, slots, active)
             for drafter in shadowing:
                 drafter.shadow(trace)
         slots.commit_to_cache(active)
-        logits = self.model.logits(out.hidden[:, -1])
         self.stats.decode_steps += 1
         finished = self._sample_and_commit(logits, 0, active)
         self.stats.decode_s += time.perf_counter() - t0

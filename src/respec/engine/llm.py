@@ -66,11 +66,13 @@ class LLM:
         kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
         drafter: Drafter | str | os.PathLike | list | None = None,
         speculative: int | str | ControllerConfig | None = None,
+        cuda_graphs: bool = False,
     ) -> None:
         """``drafter``: one drafter or a list ("ngram", "self:N", an EAGLE head directory, a draft
         model, a Drafter). ``speculative``: None or "off" (plain decoding; None with one drafter: k = 4),
         an int k (one drafter, k drafts every step), or "adaptive" / a ControllerConfig to let the
-        controller pick off or (drafter, k) every step."""
+        controller pick off or (drafter, k) every step. ``cuda_graphs``: on a GPU, replay plain decode
+        steps as CUDA graphs per batch and context bucket (engine/graphs.py; ignored on the CPU)."""
         device = parse_device(device)
         dtype = parse_dtype(dtype, device)
         if isinstance(model, DecoderLM):
@@ -86,7 +88,7 @@ class LLM:
             self.model, self._eos_ids(), max_num_seqs=max_num_seqs, max_model_len=max_model_len,
             kv_cache_bytes=kv_cache_bytes,
             decode_text=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
-            drafter=self.drafters, speculative=speculative,
+            drafter=self.drafters, speculative=speculative, cuda_graphs=cuda_graphs,
         )
 
     @property

@@ -30,6 +30,7 @@ from .rng import uniforms
 from .sampling import processed_logprobs_steps
 from .slots import SlotTable
 from .stats import SpecStats
+from .timing import Marks
 from .transfer import to_device
 from .verify import verify_drafts
 
@@ -51,7 +52,8 @@ def speculative_step(model: DecoderLM, cache: KVCache, slots: SlotTable, drafter
                      shadowing: list[Drafter] = (), verify=verify_drafts) -> StepResult:
     """Draft and verify once for the active rows ``0..B-1``; the caller commits the result.
     ``catch_up``: the drafter sat out earlier steps and first brings its state up to date.
-    ``time_drafter``: measure the drafter's share of the step (one extra device sync on GPUs).
+    ``time_drafter``: measure the drafter's share of the step (on a GPU with CUDA events, read after
+    the step's one device sync: no extra sync).
     ``shadowing``: drafters sitting this step out that keep up from its captured features.
     ``verify``: the verifier (``verify.verify_drafts``; the audit's negative control passes a broken one)."""
     batch = slots.active
@@ -59,7 +61,8 @@ def speculative_step(model: DecoderLM, cache: KVCache, slots: SlotTable, drafter
     # Room: the last emitted token must stay within max_new_tokens, so a row drafts at most
     # budget - generated - 1 tokens (0 = a plain AR step through the verifier's bonus path).
     room = np.minimum(slots.host_max_new[:batch] - slots.host_generated[:batch] - 1, k)
-    proposal, draft_seconds, catch_up_seconds = _draft(model, cache, slots, drafter, k, catch_up, time_drafter)
+    marks = Marks(model.device, time_drafter)
+    proposal = _draft(model, cache, slots, drafter, k, catch_up, marks)
     offered = to_device(room, model.device)
     if proposal.lens is not None:
         offered = torch.minimum(offered, proposal.lens)
@@ -71,12 +74,13 @@ def speculative_step(model: DecoderLM, cache: KVCache, slots: SlotTable, drafter
     target = processed_logprobs_steps(model.logits(out.hidden), params)
     accept_u, resample_u = _verify_uniforms(slots, batch, k, model.device) if params.any_random else (None, None)
     verdict = verify(target, proposal.tokens, proposal.logprobs, accept_u, resample_u, params.temperature == 0,
-                     offered)
+                     offered, all_greedy=not params.any_random)
     result = _emitted(verdict, slots, batch)
     # The step's one device -> host transfer: what the host needs to book-keep and to finish rows.
     host = torch.stack((result.counts, verdict.num_accepted, offered, result.ends.long())).cpu().numpy()
     counts, host_accepted, host_offered = host[0].copy(), host[1], host[2]
     result.finished = np.flatnonzero(host[3]).tolist()
+    catch_up_seconds, draft_seconds = marks.intervals()  # the events are done: the copy above waited for them
     result.num_accepted, result.draft_seconds, result.catch_up_seconds = host_accepted, draft_seconds, catch_up_seconds
     stats.record(host_accepted, host_offered, counts, k, f"{drafter.name}@v{drafter.version}")
     slots.spec_counts[:batch] += np.stack((np.ones_like(counts), host_offered, host_accepted), axis=1)
@@ -91,23 +95,18 @@ def speculative_step(model: DecoderLM, cache: KVCache, slots: SlotTable, drafter
 
 
 def _draft(model: DecoderLM, cache: KVCache, slots: SlotTable, drafter: Drafter, k: int, catch_up: bool,
-           time_drafter: bool) -> tuple[Proposal, float, float]:
-    """The drafter's catch-up (when it sat out steps) and proposal for the active rows; returns the
-    proposal and the seconds of each part (device work included only when ``time_drafter``)."""
+           marks: Marks) -> Proposal:
+    """The drafter's catch-up (when it sat out steps) and proposal for the active rows, with a mark
+    before, between and after them."""
     batch, state = slots.active, draft_state(slots)
     sampler = DraftSampler(slots.row_params(0, batch), slots.keys[:batch], state.host_generated, model.device)
-    sync = time_drafter and model.device.type == "cuda"
-    started = time.perf_counter()
-    catch_up_seconds = 0.0
+    marks.mark()
     if catch_up:
         drafter.catch_up(state, model, cache)
-        if sync:
-            torch.cuda.synchronize(model.device)
-        catch_up_seconds = time.perf_counter() - started
+    marks.mark()
     proposal = drafter.propose(state, k, sampler)
-    if sync:
-        torch.cuda.synchronize(model.device)
-    return proposal, time.perf_counter() - started - catch_up_seconds, catch_up_seconds
+    marks.mark()
+    return proposal
 
 
 def draft_state(slots: SlotTable) -> DraftState:

@@ -46,6 +46,8 @@ def verify_drafts(
     resample_uniforms: torch.Tensor | None,
     greedy: torch.Tensor,
     draft_lens: torch.Tensor | None = None,
+    *,
+    all_greedy: bool = False,
 ) -> Verdict:
     """Verify ``draft_tokens [B, k]`` against ``target_logprobs [B, k+1, V]``.
 
@@ -56,6 +58,7 @@ def verify_drafts(
     position, and which position is known only after acceptance). ``greedy [B]`` bool marks temperature-0 rows.
     ``draft_lens [B]`` (default k) lets a row offer fewer drafts; the rest are never accepted and the
     token after its last accepted draft is then a bonus draw from p, not a residual one.
+    ``all_greedy``: the caller knows every row is greedy (then the uniforms may be None unchecked).
     """
     batch, k = draft_tokens.shape
     if target_logprobs.shape[:2] != (batch, k + 1):
@@ -74,13 +77,14 @@ def verify_drafts(
         num_accepted = accepted.long().cumprod(dim=-1).sum(dim=-1)
         next_token = torch.where(greedy, target_logprobs[rows, num_accepted].argmax(dim=-1), own[rows, num_accepted])
         return _verdict(draft_tokens, target_logprobs, num_accepted, next_token)
-    accepted = offered & _accept_mask(target_logprobs[:, :k], draft_tokens, draft_logprobs, accept_uniforms, greedy)
+    accepted = offered & _accept_mask(target_logprobs[:, :k], draft_tokens, draft_logprobs, accept_uniforms, greedy,
+                                      all_greedy)
     num_accepted = accepted.long().cumprod(dim=-1).sum(dim=-1)
     rejected = num_accepted < (draft_lens if draft_lens is not None else k)
     if resample_uniforms is not None and resample_uniforms.dim() == 2:
         resample_uniforms = resample_uniforms.gather(1, num_accepted[:, None]).squeeze(1)
     next_token = _next_token(target_logprobs[rows, num_accepted], draft_tokens, draft_logprobs, num_accepted,
-                             rejected, resample_uniforms, greedy)
+                             rejected, resample_uniforms, greedy, all_greedy)
     return _verdict(draft_tokens, target_logprobs, num_accepted, next_token)
 
 
@@ -103,11 +107,11 @@ def _verdict(draft_tokens: torch.Tensor, target_logprobs: torch.Tensor, num_acce
 
 
 def _accept_mask(target_logprobs: torch.Tensor, draft_tokens: torch.Tensor, draft_logprobs: torch.Tensor | None,
-                 accept_uniforms: torch.Tensor | None, greedy: torch.Tensor) -> torch.Tensor:
+                 accept_uniforms: torch.Tensor | None, greedy: torch.Tensor, all_greedy: bool = False) -> torch.Tensor:
     """[B, k] bool: would draft i be accepted, judged on its own (the chain is cut by the caller)."""
     greedy_ok = draft_tokens == target_logprobs.argmax(dim=-1)
     if accept_uniforms is None:
-        if not bool(greedy.all()):
+        if not all_greedy and not bool(greedy.all()):  # the engine knows it on the host: no device sync
             raise ValueError("accept_uniforms: required when some row samples (temperature > 0)")
         return greedy_ok
     log_p = target_logprobs.gather(-1, draft_tokens[..., None]).squeeze(-1)
@@ -123,11 +127,11 @@ def _accept_mask(target_logprobs: torch.Tensor, draft_tokens: torch.Tensor, draf
 
 def _next_token(p_logprobs: torch.Tensor, draft_tokens: torch.Tensor, draft_logprobs: torch.Tensor | None,
                 position: torch.Tensor, rejected: torch.Tensor, uniforms: torch.Tensor | None,
-                greedy: torch.Tensor) -> torch.Tensor:
+                greedy: torch.Tensor, all_greedy: bool = False) -> torch.Tensor:
     """The token emitted after the accepted drafts: residual draw if rejected, else a bonus draw."""
     argmax = p_logprobs.argmax(dim=-1)
     if uniforms is None:
-        if not bool(greedy.all()):
+        if not all_greedy and not bool(greedy.all()):  # the engine knows it on the host: no device sync
             raise ValueError("resample_uniforms: required when some row samples (temperature > 0)")
         return argmax
     batch, k = draft_tokens.shape

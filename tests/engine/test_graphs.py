@@ -1,0 +1,73 @@
+"""CUDA-graph decode steps, tested where no GPU is: the buckets, and the engine's graph path with a
+fake capture that runs the step eagerly (so padding rows, padded context and the static buffers must
+give exactly what the eager step gives)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from respec import LLM, SamplingParams
+from respec.engine import graphs
+from respec.engine.graphs import bucket_of, context_bucket, rows_buckets
+from tests.helpers import ragged_prompts
+
+
+def test_buckets_follow_the_serving_engines():
+    assert rows_buckets(64) == [1, 2, 4, 8, 16, 32, 64]
+    assert rows_buckets(100) == [1, 2, 4, 8, 16, 32, 64, 96, 100]
+    assert rows_buckets(3) == [1, 2, 3]
+    assert [bucket_of(b, rows_buckets(100)) for b in (1, 3, 5, 33, 97, 100)] == [1, 4, 8, 64, 100, 100]
+    with pytest.raises(ValueError, match="graphs"):
+        bucket_of(101, rows_buckets(100))
+    assert [context_bucket(n, 1000) for n in (1, 64, 65, 300, 999)] == [64, 64, 128, 512, 1000]
+
+
+class FakeCapture:
+    """Stands in for ``cuda_capture``: runs the step once (as the warm-up does) and replays eagerly."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, fn):
+        self.count += 1
+        fn()
+        return fn
+
+
+def generate(llm: LLM, prompts, params, fake: FakeCapture | None):
+    if fake is not None:
+        llm.engine.cuda_graphs = True  # as on a GPU
+    return [o.samples[0] for o in llm.generate(prompts, params, progress=False)]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_graph_steps_equal_eager_steps_as_the_batch_shrinks(tiny_llama, monkeypatch, temperature):
+    """11 ragged rows finishing at different steps cross the buckets 11 (the cache holds 11 rows) -> 8 -> 4 -> 2 -> 1 and the
+    context buckets 64 -> the cache length: every token equal, every logprob equal to float rounding."""
+    fake = FakeCapture()
+    monkeypatch.setattr(graphs, "cuda_capture", fake)
+    eager, graphed = LLM(str(tiny_llama), device="cpu"), LLM(str(tiny_llama), device="cpu")
+    prompts = ragged_prompts(11, eager.model.config.vocab_size, seed=5)
+    budgets = [20 + 9 * i for i in range(11)]
+    params = [SamplingParams(temperature=temperature, max_new_tokens=b, seed=i, ignore_eos=True)
+              for i, b in enumerate(budgets)]
+    want, got = generate(eager, prompts, params, None), generate(graphed, prompts, params, fake)
+    for a, b in zip(want, got):
+        assert b.token_ids == a.token_ids
+        assert np.allclose(b.logprobs, a.logprobs, atol=1e-5)
+    engine = graphed.engine
+    keys = set(engine.graphs.graphs)
+    assert fake.count == engine.graphs.captures == len(keys)  # once per bucket, then replayed
+    assert {rows for rows, _, _ in keys} == {11, 8, 4, 2, 1} and {c for _, c, _ in keys} == {64, engine.cache.max_len}
+    assert eager.engine.graphs is None  # the CPU path is unchanged unless asked
+
+
+def test_a_new_cache_drops_the_graphs(tiny_llama, monkeypatch):
+    monkeypatch.setattr(graphs, "cuda_capture", FakeCapture())
+    llm = LLM(str(tiny_llama), device="cpu")
+    params = SamplingParams(temperature=0, max_new_tokens=8)
+    generate(llm, [[1, 2, 3]], params, FakeCapture())
+    first = llm.engine.graphs
+    generate(llm, [[1, 2, 3]] * 3, SamplingParams(temperature=0, max_new_tokens=200), FakeCapture())
+    assert llm.engine.graphs is not first and llm.engine.graphs.cache is llm.engine.cache
