@@ -53,21 +53,10 @@ def tokenizer_corpus() -> list[str]:
 
 
 def build_tokenizer(vocab_size: int):
-    """A byte-level BPE tokenizer (pad, bos, eos, 256 bytes, merges learned on ``tokenizer_corpus``) with a
-    chat template, built on this machine."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """A byte-level BPE tokenizer with merges learned on ``tokenizer_corpus``, built on this machine."""
+    from respec.models.local_tokenizer import local_bpe_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<bos>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(tokenizer_corpus(), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
-    fast.chat_template = ("{% for m in messages %}<bos>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                          "{% if add_generation_prompt %}assistant:{% endif %}")
-    return fast
+    return local_bpe_tokenizer(vocab_size, tokenizer_corpus())
 
 
 def random_checkpoint(directory: Path, shape: str, seed: int = 0) -> Path:

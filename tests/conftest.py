@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from respec.models.local_tokenizer import local_bpe_tokenizer
+
 TINY_VOCAB = 96
 
 TINY_CONFIGS = {
@@ -23,21 +25,9 @@ TINY_CONFIGS = {
 
 def build_tokenizer(vocab_size: int = TINY_VOCAB):
     """A byte-level BPE tokenizer trained on a few sentences, wrapped for transformers."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<bos>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     corpus = ["What is 17 plus 25? The answer is 42.", "Tom has 3 apples and eats one.",
               "hello world, the quick brown fox jumps over the lazy dog"] * 20
-    tok.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
-    fast.chat_template = ("{% for m in messages %}<bos>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                          "{% if add_generation_prompt %}assistant:{% endif %}")
-    return fast
+    return local_bpe_tokenizer(vocab_size, corpus)
 
 
 def make_tiny_checkpoint(directory: Path, variant: str, seed: int = 0) -> Path:
