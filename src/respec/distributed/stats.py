@@ -17,6 +17,7 @@ def merge_stats(parts: list[GenerationStats]) -> GenerationStats:
         total.decode_steps += part.decode_steps
         total.prefill_s += part.prefill_s
         total.decode_s += part.decode_s
+        total.absorb_s += part.absorb_s
         for arm, steps in part.arm_steps.items():
             total.arm_steps[arm] = total.arm_steps.get(arm, 0) + steps
         _merge_spec(spec, part.spec)

@@ -14,7 +14,7 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -89,8 +89,7 @@ class RolloutWorker:
 
     def stats(self) -> GenerationStats:
         stats = self.llm.stats
-        return GenerationStats(stats.prompt_tokens, stats.generated_tokens, stats.decode_steps, stats.prefill_s,
-                               stats.decode_s, copy.deepcopy(stats.spec), dict(stats.arm_steps), [])
+        return replace(stats, spec=copy.deepcopy(stats.spec), arm_steps=dict(stats.arm_steps), trace=[])
 
     def update_weights(self, version: int, packed: PackedWeights) -> float:
         """Load the actor's weights of ``version``; returns the seconds spent (waiting excluded)."""

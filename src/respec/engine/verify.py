@@ -58,15 +58,21 @@ def verify_drafts(
     position, and which position is known only after acceptance). ``greedy [B]`` bool marks temperature-0 rows.
     ``draft_lens [B]`` (default k) lets a row offer fewer drafts; the rest are never accepted and the
     token after its last accepted draft is then a bonus draw from p, not a residual one.
-    ``all_greedy``: the caller knows every row is greedy (then the uniforms may be None unchecked).
+    ``all_greedy``: the caller knows every row is greedy, so missing uniforms need no check on the
+    device (the engine knows it on the host: the check would be a device sync every step).
     """
     batch, k = draft_tokens.shape
     if target_logprobs.shape[:2] != (batch, k + 1):
         raise ValueError(f"target_logprobs: expected [B={batch}, k+1={k + 1}, V], got {list(target_logprobs.shape)}")
+    coupled = draft_logprobs is None and resample_uniforms is not None and resample_uniforms.dim() == 2
+    missing = [] if coupled else [name for name, value in (("accept_uniforms", accept_uniforms),
+                                                           ("resample_uniforms", resample_uniforms)) if value is None]
+    if missing and not all_greedy and not bool(greedy.all()):
+        raise ValueError(f"{missing[0]}: required when some row samples (temperature > 0)")
     offered = torch.arange(k, device=draft_tokens.device)[None, :] < (
         draft_lens[:, None] if draft_lens is not None else k)
     rows = torch.arange(batch, device=draft_tokens.device)
-    if draft_logprobs is None and resample_uniforms is not None and resample_uniforms.dim() == 2:
+    if coupled:
         # Deterministic drafts: the target's own draw at every position, with the uniform plain
         # decoding uses there; a draft is accepted when it is that draw (probability p(x), as u < p(x)),
         # and the token after the accepted ones is the draw itself. The tokens are then those plain
@@ -77,14 +83,13 @@ def verify_drafts(
         num_accepted = accepted.long().cumprod(dim=-1).sum(dim=-1)
         next_token = torch.where(greedy, target_logprobs[rows, num_accepted].argmax(dim=-1), own[rows, num_accepted])
         return _verdict(draft_tokens, target_logprobs, num_accepted, next_token)
-    accepted = offered & _accept_mask(target_logprobs[:, :k], draft_tokens, draft_logprobs, accept_uniforms, greedy,
-                                      all_greedy)
+    accepted = offered & _accept_mask(target_logprobs[:, :k], draft_tokens, draft_logprobs, accept_uniforms, greedy)
     num_accepted = accepted.long().cumprod(dim=-1).sum(dim=-1)
     rejected = num_accepted < (draft_lens if draft_lens is not None else k)
     if resample_uniforms is not None and resample_uniforms.dim() == 2:
         resample_uniforms = resample_uniforms.gather(1, num_accepted[:, None]).squeeze(1)
     next_token = _next_token(target_logprobs[rows, num_accepted], draft_tokens, draft_logprobs, num_accepted,
-                             rejected, resample_uniforms, greedy, all_greedy)
+                             rejected, resample_uniforms, greedy)
     return _verdict(draft_tokens, target_logprobs, num_accepted, next_token)
 
 
@@ -107,12 +112,10 @@ def _verdict(draft_tokens: torch.Tensor, target_logprobs: torch.Tensor, num_acce
 
 
 def _accept_mask(target_logprobs: torch.Tensor, draft_tokens: torch.Tensor, draft_logprobs: torch.Tensor | None,
-                 accept_uniforms: torch.Tensor | None, greedy: torch.Tensor, all_greedy: bool = False) -> torch.Tensor:
+                 accept_uniforms: torch.Tensor | None, greedy: torch.Tensor) -> torch.Tensor:
     """[B, k] bool: would draft i be accepted, judged on its own (the chain is cut by the caller)."""
     greedy_ok = draft_tokens == target_logprobs.argmax(dim=-1)
-    if accept_uniforms is None:
-        if not all_greedy and not bool(greedy.all()):  # the engine knows it on the host: no device sync
-            raise ValueError("accept_uniforms: required when some row samples (temperature > 0)")
+    if accept_uniforms is None:  # every row greedy (checked by verify_drafts)
         return greedy_ok
     log_p = target_logprobs.gather(-1, draft_tokens[..., None]).squeeze(-1)
     log_q = (draft_logprobs.gather(-1, draft_tokens[..., None]).squeeze(-1) if draft_logprobs is not None
@@ -127,12 +130,10 @@ def _accept_mask(target_logprobs: torch.Tensor, draft_tokens: torch.Tensor, draf
 
 def _next_token(p_logprobs: torch.Tensor, draft_tokens: torch.Tensor, draft_logprobs: torch.Tensor | None,
                 position: torch.Tensor, rejected: torch.Tensor, uniforms: torch.Tensor | None,
-                greedy: torch.Tensor, all_greedy: bool = False) -> torch.Tensor:
+                greedy: torch.Tensor) -> torch.Tensor:
     """The token emitted after the accepted drafts: residual draw if rejected, else a bonus draw."""
     argmax = p_logprobs.argmax(dim=-1)
-    if uniforms is None:
-        if not all_greedy and not bool(greedy.all()):  # the engine knows it on the host: no device sync
-            raise ValueError("resample_uniforms: required when some row samples (temperature > 0)")
+    if uniforms is None:  # every row greedy (checked by verify_drafts)
         return argmax
     batch, k = draft_tokens.shape
     rows = torch.arange(batch, device=draft_tokens.device)
