@@ -19,6 +19,7 @@ from respec.bench.sim.hardware import (
     SGLANG_STACK,
     StepCosts,
 )
+from respec.bench.sim.oracles import OraclePolicy
 from respec.bench.sim.policies import (
     ArPolicy,
     OursPolicy,
@@ -220,3 +221,27 @@ def test_response_lengths_are_long_tailed_and_capped():
     assert lengths.max() == 8192 and 0.02 < np.mean(lengths == 8192) < 0.08
     assert np.median(lengths) == pytest.approx(1500, rel=0.1) and lengths.mean() > 1.3 * np.median(lengths)
     assert prompts.min() >= 128 and prompts.max() <= 512
+
+
+def test_the_oracles_see_the_rows_and_the_critical_one_follows_the_longest_row():
+    """What-if oracles (bench/sim/oracles.py): with the true rates and costs, the throughput oracle is
+    at least as fast as any static k on a world of identical rows; the critical-row oracle picks the arm
+    that is best for the row with the most tokens left, not for the batch."""
+    world = small_world(row_spread=0.0, drift="none")
+    draws = Draws.make(world, 0)
+    oracle = run_rollout(world, OraclePolicy("throughput"), 0, draws).seconds
+    assert oracle <= 1.01 * min(run_rollout(world, StaticPolicy(k), 0, draws).seconds for k in (1, 2, 3, 4))
+    critical = OraclePolicy("critical row")
+    critical.start(world, 0, draws)
+    critical.blocks[:, 1:] = 1.0  # every row's drafts always rejected ...
+    longest = int(np.argmax(draws.budgets))
+    critical.blocks[longest, 1:] = 1.0 + np.arange(1, world.max_k + 1)  # ... but the longest row's always accepted
+    throughput = OraclePolicy("throughput")
+    throughput.start(world, 0, draws)
+    throughput.blocks = critical.blocks
+    for policy in (critical, throughput):
+        policy.see_rows(np.arange(len(draws.budgets)), np.ones(len(draws.budgets), dtype=np.int64))
+    batch = len(draws.budgets)
+    assert critical.choose(batch).drafter is not None and throughput.choose(batch).drafter is None
+    with pytest.raises(ValueError, match="objective"):
+        OraclePolicy("makespan")

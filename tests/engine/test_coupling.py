@@ -76,3 +76,25 @@ def test_the_coupled_acceptance_rate_is_p_of_the_draft():
     assert abs(rate - p[2].item()) < 4 * (p[2].item() * (1 - p[2].item()) / n) ** 0.5
     emitted = verdict.tokens[torch.arange(n), 0]  # the first token is always distributed as p
     assert torch.allclose(torch.bincount(emitted, minlength=5).double() / n, p.double(), atol=0.005)
+
+
+@pytest.mark.parametrize("accept", [0.0, 0.5, 1.0])
+def test_the_cpu_chain_position_by_position_equals_the_gpu_chain_at_all_positions(accept):
+    """The CPU draws position i only for rows still accepting; the GPU path draws every position at
+    once. Same uniforms, same float64 draws: the same accepted counts and next tokens, greedy rows and
+    shorter offers included."""
+    generator = torch.Generator().manual_seed(1)
+    batch, k, vocab = 64, 4, 50
+    target = torch.log_softmax(torch.randn(batch, k + 1, vocab, generator=generator) * 2, dim=-1)
+    uniforms = torch.rand(batch, k + 1, generator=generator, dtype=torch.float64)
+    own = verify.target_draws(target, uniforms)[:, :k]
+    hit = torch.rand(batch, k, generator=generator) < accept
+    drafts = torch.where(hit, own, torch.randint(0, vocab, (batch, k), generator=generator))
+    greedy = torch.rand(batch, generator=generator) < 0.25
+    drafts[greedy] = torch.where(hit[greedy], target[greedy, :k].argmax(-1), drafts[greedy])
+    offered = torch.arange(k)[None, :] < torch.randint(0, k + 1, (batch, 1), generator=generator)
+    lazy = verify._coupled_chain_lazy(target, drafts, uniforms, greedy, offered)
+    full = verify._coupled_chain(target, drafts, uniforms, greedy, offered)
+    assert torch.equal(lazy[0], full[0]) and torch.equal(lazy[1], full[1])
+    if accept == 1.0:
+        assert torch.equal(lazy[0], offered.sum(1))  # every offered draft was the target's own draw

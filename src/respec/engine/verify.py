@@ -77,11 +77,8 @@ def verify_drafts(
         # decoding uses there; a draft is accepted when it is that draw (probability p(x), as u < p(x)),
         # and the token after the accepted ones is the draw itself. The tokens are then those plain
         # decoding would sample, whichever drafts were offered.
-        own = target_draws(target_logprobs, resample_uniforms)
-        accepted = offered & torch.where(greedy[:, None], draft_tokens == target_logprobs[:, :k].argmax(dim=-1),
-                                         draft_tokens == own[:, :k])
-        num_accepted = accepted.long().cumprod(dim=-1).sum(dim=-1)
-        next_token = torch.where(greedy, target_logprobs[rows, num_accepted].argmax(dim=-1), own[rows, num_accepted])
+        chain = _coupled_chain_lazy if target_logprobs.device.type == "cpu" else _coupled_chain
+        num_accepted, next_token = chain(target_logprobs, draft_tokens, resample_uniforms, greedy, offered)
         return _verdict(draft_tokens, target_logprobs, num_accepted, next_token)
     accepted = offered & _accept_mask(target_logprobs[:, :k], draft_tokens, draft_logprobs, accept_uniforms, greedy)
     num_accepted = accepted.long().cumprod(dim=-1).sum(dim=-1)
@@ -91,6 +88,45 @@ def verify_drafts(
     next_token = _next_token(target_logprobs[rows, num_accepted], draft_tokens, draft_logprobs, num_accepted,
                              rejected, resample_uniforms, greedy)
     return _verdict(draft_tokens, target_logprobs, num_accepted, next_token)
+
+
+def _coupled_chain(target_logprobs: torch.Tensor, draft_tokens: torch.Tensor, uniforms: torch.Tensor,
+                   greedy: torch.Tensor, offered: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(accepted drafts, next token) per row, the target's draw taken at all k + 1 positions at once:
+    no host sync (GPUs)."""
+    batch, k = draft_tokens.shape
+    own = target_draws(target_logprobs, uniforms)
+    accepted = offered & torch.where(greedy[:, None], draft_tokens == target_logprobs[:, :k].argmax(dim=-1),
+                                     draft_tokens == own[:, :k])
+    num_accepted = accepted.long().cumprod(dim=-1).sum(dim=-1)
+    rows = torch.arange(batch, device=draft_tokens.device)
+    return num_accepted, torch.where(greedy, target_logprobs[rows, num_accepted].argmax(dim=-1), own[rows, num_accepted])
+
+
+def _coupled_chain_lazy(target_logprobs: torch.Tensor, draft_tokens: torch.Tensor, uniforms: torch.Tensor,
+                        greedy: torch.Tensor, offered: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same as ``_coupled_chain``, drawing position i only for the rows whose drafts before it were
+    all accepted: on the CPU the float64 inverse CDF over the vocabulary is the cost, and most rows stop
+    early (a host sync per position costs nothing there)."""
+    batch, k = draft_tokens.shape
+    offered = offered.expand(batch, k)
+    num_accepted = torch.zeros(batch, dtype=torch.int64)
+    next_token = torch.zeros(batch, dtype=torch.int64)
+    alive = torch.arange(batch)
+    for position in range(k + 1):
+        logprobs = target_logprobs[alive, position]
+        own = torch.where(greedy[alive], logprobs.argmax(dim=-1),
+                          target_draws(logprobs[:, None], uniforms[alive, position, None])[:, 0])
+        if position < k:
+            match = offered[alive, position] & (draft_tokens[alive, position] == own)
+        else:
+            match = torch.zeros_like(alive, dtype=torch.bool)
+        stop = alive[~match]
+        num_accepted[stop], next_token[stop] = position, own[~match]
+        alive = alive[match]
+        if alive.numel() == 0:
+            break
+    return num_accepted, next_token
 
 
 def target_draws(target_logprobs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:

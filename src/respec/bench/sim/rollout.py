@@ -170,6 +170,8 @@ def run_rollout(world: World, policy: Policy, rl_step: int, draws: Draws | None 
     while active.size:
         batch = int(active.size)
         context = float((draws.prompts[active] + generated[active]).sum())
+        if hasattr(policy, "see_rows"):  # oracles only (oracles.py): the rows' state no real policy sees
+            policy.see_rows(active, generated)
         arm = policy.choose(batch)
         if arm.drafter is None:
             seconds, draft_s, catch_s, hits, emitted = costs.target(batch, 1, context), 0.0, 0.0, None, 1
