@@ -14,9 +14,9 @@ one PNG per world (k against the active batch over the first and last rollout).
 ``--what-if`` adds two variants of ours, each the same controller code: exploration off (a
 ControllerConfig setting), and an engine whose idle head never absorbs its full shadow block while it
 sits out, so it lags and re-reads from the target when switched on (``World.head_absorbs=False``); and
-two oracles that know every row's acceptance and the true costs (bench/sim/oracles.py): one maximizing
-the batch's tokens/s (ours' objective, estimated perfectly), one the progress of the row with the most
-tokens left (its length, which no engine knows).
+three oracles that know every row's acceptance and the true costs (bench/sim/oracles.py), maximizing
+the batch's tokens/s (ours' objective, estimated perfectly), the progress of the row with the most
+tokens left (its length, which no engine knows), or that of the row with the lowest acceptance.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from respec.bench.sim.compare import (
     summarize,
     world_bounds,
 )
-from respec.bench.sim.oracles import OraclePolicy
+from respec.bench.sim.oracles import OBJECTIVES, OraclePolicy
 from respec.bench.sim.policies import (
     OursPolicy,
     SolverPolicy,
@@ -58,7 +58,7 @@ from respec.engine.speculation import ControllerConfig
 def what_if_policies(seed: int) -> list:
     quiet = OursPolicy(ControllerConfig(seed=seed, profile_cache="", explore=False), seed=seed)
     quiet.name = "what-if: ours, exploration off"
-    return [quiet, OraclePolicy("throughput"), OraclePolicy("critical row")]
+    return [quiet] + [OraclePolicy(objective) for objective in OBJECTIVES]
 
 
 def plot_k_vs_batch(world, runs, path: Path) -> None:

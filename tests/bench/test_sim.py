@@ -243,5 +243,11 @@ def test_the_oracles_see_the_rows_and_the_critical_one_follows_the_longest_row()
         policy.see_rows(np.arange(len(draws.budgets)), np.ones(len(draws.budgets), dtype=np.int64))
     batch = len(draws.budgets)
     assert critical.choose(batch).drafter is not None and throughput.choose(batch).drafter is None
+    slowest = OraclePolicy("slowest row")
+    slowest.start(world, 0, draws)
+    slowest.blocks[:, 1:] = 1.0 + np.arange(1, world.max_k + 1)  # every row's drafts accepted ...
+    slowest.blocks[3, 1:] = 1.0  # ... but row 3's never: the slowest row gains nothing from drafting
+    slowest.see_rows(np.arange(batch), np.ones(batch, dtype=np.int64))
+    assert slowest.choose(batch).drafter is None
     with pytest.raises(ValueError, match="objective"):
         OraclePolicy("makespan")

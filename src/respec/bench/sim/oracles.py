@@ -6,7 +6,9 @@ expected value every step:
 * ``throughput``: the batch's expected tokens per second (ours' objective, with perfect estimates);
 * ``critical row``: the expected progress per second of the row with the most tokens left (its true
   length, unknown to an engine until the row ends), ties to its lowest acceptance: the rollout ends when
-  that row does.
+  that row does;
+* ``slowest row``: the expected progress per second of the row with the lowest acceptance, lengths
+  unknown: what per-row acceptance estimates could reach at best without knowing the lengths.
 """
 
 from __future__ import annotations
@@ -19,12 +21,15 @@ from .policies import ArPolicy
 from .rollout import DRAFTER, Draws, World
 
 
+OBJECTIVES = ("throughput", "critical row", "slowest row")
+
+
 class OraclePolicy(ArPolicy):
     drafts = True
 
     def __init__(self, objective: str = "throughput") -> None:
-        if objective not in ("throughput", "critical row"):
-            raise ValueError(f"objective: 'throughput' or 'critical row', got {objective!r}")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective: one of {', '.join(OBJECTIVES)}, got {objective!r}")
         self.objective, self.name = objective, f"what-if: oracle, {objective}"
 
     def start(self, world: World, rl_step: int, draws: Draws) -> None:
@@ -42,6 +47,8 @@ class OraclePolicy(ArPolicy):
         seconds += [costs.chain_step(batch, k, context)[0] for k in range(1, self.world.max_k + 1)]
         if self.objective == "throughput":
             tokens = self.blocks[active].sum(axis=0)
+        elif self.objective == "slowest row":
+            tokens = self.blocks[active[np.argmin(self.blocks[active, -1])]]
         else:
             left = draws.budgets[active] - self.generated[active]
             longest = active[left == left.max()]
