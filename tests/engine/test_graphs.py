@@ -59,8 +59,34 @@ def test_graph_steps_equal_eager_steps_as_the_batch_shrinks(tiny_llama, monkeypa
     engine = graphed.engine
     keys = set(engine.graphs.graphs)
     assert fake.count == engine.graphs.captures == len(keys)  # once per bucket, then replayed
-    assert {rows for rows, _, _ in keys} == {11, 8, 4, 2, 1} and {c for _, c, _ in keys} == {64, engine.cache.max_len}
+    assert {rows for rows, _, _, _ in keys} == {11, 8, 4, 2, 1} and {c for _, _, c, _ in keys} == {64, engine.cache.max_len}
+    assert {width for _, width, _, _ in keys} == {1}
     assert eager.engine.graphs is None  # the CPU path is unchanged unless asked
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_speculative_steps_through_graphs_equal_eager_ones(tiny_llama, monkeypatch, temperature):
+    """The verify forward (k + 1 tokens per row) replays a graph of its own width; with the n-gram
+    drafter, greedy and sampled, every token equals the eager engine's."""
+    fake = FakeCapture()
+    monkeypatch.setattr(graphs, "cuda_capture", fake)
+    eager, graphed = (LLM(str(tiny_llama), device="cpu", drafter="ngram", speculative=2) for _ in range(2))
+    prompts = ragged_prompts(6, eager.model.config.vocab_size, seed=9)
+    params = [SamplingParams(n=2, temperature=temperature, max_new_tokens=30 + 7 * i, seed=i, ignore_eos=True)
+              for i in range(6)]
+    for llm in (eager, graphed):  # history for the n-gram drafter: some drafts right, some wrong
+        generate(llm, prompts, [SamplingParams(n=2, temperature=temperature, max_new_tokens=40, seed=99,
+                                               ignore_eos=True)] * 6, None)
+    want = [o.samples for o in eager.generate(prompts, params, progress=False)]
+    graphed.engine.cuda_graphs = True
+    got = [o.samples for o in graphed.generate(prompts, params, progress=False)]
+    for a, b in zip(want, got):
+        for x, y in zip(a, b):
+            assert y.token_ids == x.token_ids and np.allclose(y.logprobs, x.logprobs, atol=1e-5)
+    spec = graphed.stats.spec
+    assert spec.drafted > 0 and (spec.accepted > 0 or temperature > 0)  # a random model's samples rarely repeat
+    assert {width for _, width, _, _ in graphed.engine.graphs.graphs} == {3}
+    assert fake.count == graphed.engine.graphs.captures
 
 
 def test_a_new_cache_drops_the_graphs(tiny_llama, monkeypatch):

@@ -86,9 +86,13 @@ class Engine:
         self.cache: KVCache | None = None
         self.slots = SlotTable(0, 0, 0, model.device)  # sized per generate() call in _prepare
         self._synced: set[str] = set()  # drafters whose state covers every active row's tokens
-        # Plain decode steps as replayed CUDA graphs (graphs.py); a test may set a fake-capturing one.
+        # Decode and verify forwards as replayed CUDA graphs (graphs.py); tests set a fake-capturing one.
         self.cuda_graphs = cuda_graphs and model.device.type == "cuda"
         self.graphs: DecodeGraphs | None = None
+
+    def _live_graphs(self) -> DecodeGraphs | None:
+        """The captured graphs, when on and made for the cache in use."""
+        return self.graphs if self.graphs is not None and self.graphs.cache is self.cache else None
 
     @property
     def draft_tokens(self) -> int:
@@ -300,8 +304,9 @@ class Engine:
         slots = self.slots
         kv_len = int(slots.host_lengths[:active].max()) + 1
         capture = tuple(sorted({layer for d in shadowing for layer in d.capture_layers}))
-        if self.graphs is not None and self.graphs.cache is self.cache:
-            out, logits = self.graphs.run(slots.last_token[:active], slots.lengths[:active], kv_len, capture)
+        if self._live_graphs() is not None:
+            out, logits = self.graphs.run(slots.last_token[:active, None], slots.lengths[:active, None], kv_len, capture)
+            logits = logits[:, -1]
         else:
             out = self.model(slots.last_token[:active, None], slots.lengths[:active, None], cache=self.cache,
                              rows=slice(0, active), kv_len=kv_len, capture_layers=capture)
@@ -321,7 +326,8 @@ class Engine:
         before = self.slots.host_generated[:active].copy()
         result = speculative_step(self.model, self.cache, self.slots, self.drafters[arm.drafter], arm.k,
                                   self.stats.spec, catch_up=arm.drafter not in self._synced,
-                                  time_drafter=self.controller.times_drafter, shadowing=shadowing, verify=self.verify)
+                                  time_drafter=self.controller.times_drafter, shadowing=shadowing, verify=self.verify,
+                                  graphs=self._live_graphs())
         self._synced = {arm.drafter}
         finished = list(result.finished)
         finished += self._stop_string_hits(0, active, finished, before)

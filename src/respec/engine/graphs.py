@@ -1,12 +1,13 @@
-"""The plain decode step's target forward as one replayed CUDA graph per (rows bucket, context bucket).
+"""The decode step's target forward as one replayed CUDA graph per (rows bucket, tokens per row, context
+bucket): a plain step (1 token per row) and a speculative verify (k + 1).
 
 At small and mid batch a GPU decode step is bound by kernel launches (per layer: norms, projections,
 RoPE, cache writes, attention), not by the weights; a CUDA graph replays them as one launch. A graph
 holds static shapes, so a step runs at the next bucket of rows (1, 2, 4, 8, 16, 32, then multiples of
 32: the buckets vLLM and SGLang capture) and of attended context (powers of two from 64, up to the
 cache's length), on static input buffers. Padding rows are free cache slots (the active rows are
-always slots 0..B-1): they decode token 0 at position 0 there, which admission overwrites before
-the slot is used, and their outputs are dropped. Padding context is masked. Each graph is captured
+always slots 0..B-1): they decode token 0 at positions 0..T-1 there, which admission overwrites
+before the slot is used, and their outputs are dropped. Padding context is masked. Each graph is captured
 on the first step that needs it and kept while the cache is the same (a new cache drops them all).
 
 ``capture(fn) -> replay`` is injectable: on a GPU it records ``fn`` into a ``torch.cuda.CUDAGraph``
@@ -67,14 +68,15 @@ def cuda_capture(fn: Callable[[], tuple]) -> Callable[[], tuple]:
 
 @dataclass
 class _Graph:
-    tokens: torch.Tensor  # [rows, 1] static inputs
+    tokens: torch.Tensor  # [rows, T] static inputs
     positions: torch.Tensor
+    first_positions: torch.Tensor  # a padding row's positions: 0 .. T-1
     replay: Callable[[], tuple] | None = None
     filled: int = 0  # rows the last replay used: padding past a smaller batch is reset to token 0 at 0
 
 
 class DecodeGraphs:
-    """The AR step's forward and logits through captured graphs; ``captures`` counts graphs made."""
+    """Decode and verify forwards with their logits through captured graphs; ``captures`` counts graphs made."""
 
     def __init__(self, model: DecoderLM, cache: KVCache, capture: Capture | None = None) -> None:
         self.model, self.cache = model, cache
@@ -85,16 +87,17 @@ class DecodeGraphs:
 
     def run(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int,
             capture_layers: tuple[int, ...] = ()) -> tuple[DecoderOutput, torch.Tensor]:
-        """``tokens [B]`` at ``positions [B]`` of cache rows 0..B-1: the forward's output (rows 0..B-1)
-        and the logits of each row's token ``[B, V]``."""
-        batch = tokens.shape[0]
-        key = (bucket_of(batch, self.buckets), context_bucket(kv_len, self.cache.max_len), tuple(capture_layers))
+        """``tokens [B, T]`` at ``positions [B, T]`` of cache rows 0..B-1 (T = 1: a plain step, k + 1: a
+        verify): the forward's output and the logits ``[B, T, V]``, rows 0..B-1."""
+        batch, width = tokens.shape
+        key = (bucket_of(batch, self.buckets), width, context_bucket(kv_len, self.cache.max_len),
+               tuple(capture_layers))
         graph = self.graphs.get(key) or self._buffers(*key)
-        graph.tokens[:batch, 0].copy_(tokens)
-        graph.positions[:batch, 0].copy_(positions)
+        graph.tokens[:batch].copy_(tokens)
+        graph.positions[:batch].copy_(positions)
         if batch < graph.filled:
             graph.tokens[batch:graph.filled].zero_()
-            graph.positions[batch:graph.filled].zero_()
+            graph.positions[batch:graph.filled] = graph.first_positions[batch:graph.filled]
         graph.filled = batch
         if graph.replay is None:
             # Captured with this step's own inputs in place: the warm-up runs write the very keys and
@@ -105,17 +108,18 @@ class DecodeGraphs:
         out = DecoderOutput(hidden=hidden[:batch], captured={layer: x[:batch] for layer, x in captured.items()})
         return out, logits[:batch]
 
-    def _buffers(self, rows: int, context: int, layers: tuple[int, ...]) -> _Graph:
+    def _buffers(self, rows: int, width: int, context: int, layers: tuple[int, ...]) -> _Graph:
         device = self.model.device
-        tokens = torch.zeros(rows, 1, dtype=torch.int64, device=device)
-        positions = torch.zeros(rows, 1, dtype=torch.int64, device=device)
-        graph = self.graphs[(rows, context, layers)] = _Graph(tokens, positions)
+        tokens = torch.zeros(rows, width, dtype=torch.int64, device=device)
+        # Padding rows hold token 0 at positions 0..width-1 of their free slot (see the module doc).
+        first = torch.arange(width, device=device).expand(rows, width).contiguous()
+        graph = self.graphs[(rows, width, context, layers)] = _Graph(tokens, first.clone(), first)
         return graph
 
-    def _step(self, rows: int, context: int, layers: tuple[int, ...], graph: _Graph) -> Callable[[], tuple]:
+    def _step(self, rows: int, width: int, context: int, layers: tuple[int, ...], graph: _Graph) -> Callable[[], tuple]:
         def step() -> tuple:
             out = self.model(graph.tokens, graph.positions, cache=self.cache, rows=slice(0, rows), kv_len=context,
                              capture_layers=layers)
-            return out.hidden, self.model.logits(out.hidden[:, -1]), out.captured
+            return out.hidden, self.model.logits(out.hidden), out.captured
 
         return step

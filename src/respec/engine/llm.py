@@ -71,8 +71,8 @@ class LLM:
         """``drafter``: one drafter or a list ("ngram", "self:N", an EAGLE head directory, a draft
         model, a Drafter). ``speculative``: None or "off" (plain decoding; None with one drafter: k = 4),
         an int k (one drafter, k drafts every step), or "adaptive" / a ControllerConfig to let the
-        controller pick off or (drafter, k) every step. ``cuda_graphs``: on a GPU, replay plain decode
-        steps as CUDA graphs per batch and context bucket (engine/graphs.py; ignored on the CPU)."""
+        controller pick off or (drafter, k) every step. ``cuda_graphs``: on a GPU, replay decode and
+        verify forwards as CUDA graphs per batch and context bucket (engine/graphs.py; ignored on the CPU)."""
         device = parse_device(device)
         dtype = parse_dtype(dtype, device)
         if isinstance(model, DecoderLM):

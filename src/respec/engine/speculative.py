@@ -26,6 +26,7 @@ from .drafters.base import (
     Proposal,
     TargetTrace,
 )
+from .graphs import DecodeGraphs
 from .rng import uniforms
 from .sampling import processed_logprobs_steps
 from .slots import SlotTable
@@ -49,13 +50,14 @@ class StepResult:
 
 def speculative_step(model: DecoderLM, cache: KVCache, slots: SlotTable, drafter: Drafter, k: int,
                      stats: SpecStats, *, catch_up: bool = False, time_drafter: bool = False,
-                     shadowing: list[Drafter] = (), verify=verify_drafts) -> StepResult:
+                     shadowing: list[Drafter] = (), verify=verify_drafts, graphs: DecodeGraphs | None = None) -> StepResult:
     """Draft and verify once for the active rows ``0..B-1``; the caller commits the result.
     ``catch_up``: the drafter sat out earlier steps and first brings its state up to date.
     ``time_drafter``: measure the drafter's share of the step (on a GPU with CUDA events, read after
     the step's one device sync: no extra sync).
     ``shadowing``: drafters sitting this step out that keep up from its captured features.
-    ``verify``: the verifier (``verify.verify_drafts``; the audit's negative control passes a broken one)."""
+    ``verify``: the verifier (``verify.verify_drafts``; the audit's negative control passes a broken one).
+    ``graphs``: run the verify forward through captured CUDA graphs (graphs.py)."""
     batch = slots.active
     params = slots.row_params(0, batch)
     # Room: the last emitted token must stay within max_new_tokens, so a row drafts at most
@@ -70,8 +72,12 @@ def speculative_step(model: DecoderLM, cache: KVCache, slots: SlotTable, drafter
     positions = slots.lengths[:batch, None] + torch.arange(k + 1, device=ids.device)
     kv_len = int(slots.host_lengths[:batch].max()) + k + 1
     capture = tuple(sorted({layer for d in (drafter, *shadowing) for layer in d.capture_layers}))
-    out = model(ids, positions, cache=cache, rows=slice(0, batch), kv_len=kv_len, capture_layers=capture)
-    target = processed_logprobs_steps(model.logits(out.hidden), params)
+    if graphs is not None:
+        out, logits = graphs.run(ids, positions, kv_len, capture)
+    else:
+        out = model(ids, positions, cache=cache, rows=slice(0, batch), kv_len=kv_len, capture_layers=capture)
+        logits = model.logits(out.hidden)
+    target = processed_logprobs_steps(logits, params)
     accept_u, resample_u = _verify_uniforms(slots, batch, k, model.device) if params.any_random else (None, None)
     verdict = verify(target, proposal.tokens, proposal.logprobs, accept_u, resample_u, params.temperature == 0,
                      offered, all_greedy=not params.any_random)

@@ -54,7 +54,8 @@ class NgramDrafter(Drafter):
 
     def propose(self, state: DraftState, k: int, sampler: DraftSampler | None = None) -> Proposal:
         batch = len(state.sequences)
-        generated = state.out_tokens[:batch].cpu().numpy()
+        # Only the columns any row has filled cross to the host (a GPU copies this every step).
+        generated = state.out_tokens[:batch, : int(state.host_generated[:batch].max(initial=0))].cpu().numpy()
         responses = [generated[row, : state.host_generated[row]] for row in range(batch)]
         groups: dict[int, list[int]] = defaultdict(list)  # request -> its active rows (the siblings)
         for row, seq in enumerate(state.sequences):
