@@ -97,3 +97,38 @@ def test_a_new_cache_drops_the_graphs(tiny_llama, monkeypatch):
     first = llm.engine.graphs
     generate(llm, [[1, 2, 3]] * 3, SamplingParams(temperature=0, max_new_tokens=200), FakeCapture())
     assert llm.engine.graphs is not first and llm.engine.graphs.cache is llm.engine.cache
+
+
+def test_an_eagle_head_fed_through_graphs_drafts_as_when_fed_eagerly(tiny_llama, monkeypatch):
+    """The head reads the target's fused layers from the graph's static outputs (verify steps) and
+    shadows them (off steps): with a schedule of off, EAGLE and n-gram steps, the drafts and the tokens
+    equal the eager engine's."""
+    from respec.engine.controller import OFF, Arm
+    from respec.engine.drafters import EagleDrafter
+    from tests.engine.test_controller import CyclingController
+    from tests.helpers import random_head
+
+    monkeypatch.setattr(graphs, "cuda_capture", FakeCapture())
+    schedule = [OFF, OFF, Arm("eagle", 2), Arm("ngram", 2), OFF, Arm("eagle", 1), Arm("eagle", 2)]
+    outputs, drafts = [], []
+    for use_graphs in (False, True):
+        llm = LLM(str(tiny_llama), device="cpu")
+        head = random_head(llm.model, seed=3)
+        llm = LLM(llm.model, tokenizer=llm.tokenizer, drafter=[EagleDrafter(head, llm.model, shadow_limit=4), "ngram"],
+                  speculative="adaptive")
+        llm.engine.controller = CyclingController(schedule, warm=True)
+        llm.engine.cuda_graphs = use_graphs
+        seen, propose = [], llm.engine.drafters["eagle"].propose
+
+        def spy(state, k, sampler, propose=propose, seen=seen):
+            proposal = propose(state, k, sampler)
+            seen.append(proposal.tokens.tolist())
+            return proposal
+
+        llm.engine.drafters["eagle"].propose = spy
+        prompts = ragged_prompts(5, llm.model.config.vocab_size, seed=2)
+        outputs.append(generate(llm, prompts, SamplingParams(temperature=0, max_new_tokens=30, ignore_eos=True), None))
+        drafts.append(seen)
+    assert [s.token_ids for s in outputs[0]] == [s.token_ids for s in outputs[1]]
+    assert drafts[0] == drafts[1] and len(drafts[0]) >= 10
+    assert llm.engine.graphs is not None and len({w for _, w, _, _ in llm.engine.graphs.graphs}) == 3  # 1, 2, 3
