@@ -8,6 +8,11 @@ bonus draw per row. All on the same random target logprobs, SmolLM2's vocabulary
 interleaved repeats, one thread.
 
     python benchmarks/coupled_verify.py --out coupled_verify.json
+    python benchmarks/coupled_verify.py --rollout --batches 8,32   # SmolLM2 n-gram rollouts, both CPU chains
+
+``--rollout`` times whole n-gram rollouts of SmolLM2 (GSM8K questions or the built-in ones, T = 0.7,
+k = 4, 64 tokens, 2 threads) with the row-by-row chain and with the all-positions one, paired per
+repeat: each repeat starts the drafter from the same history (one earlier rollout of other seeds).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import time
 import torch
 
 from respec.engine import verify
+from respec.engine.params import SamplingParams
 
 VOCAB = 49152  # SmolLM2
 
@@ -41,6 +47,37 @@ def arms(batch: int, k: int, accept: float, seed: int = 0) -> dict:
             "one-hot q": lambda: verify.verify_drafts(target, drafts, None, accept_u, resample[:, 0], greedy)}
 
 
+def rollout_ab(batches: list[int], repeats: int) -> list[dict]:
+    from respec import LLM
+    from respec.data.tasks import load_questions
+
+    torch.set_num_threads(2)
+    llm = LLM("smollm2-135m", device="cpu", drafter="ngram", speculative=4, max_num_seqs=max(batches))
+    ngram, lazy, rows = llm.engine.drafters["ngram"], verify._coupled_chain_lazy, []
+    prompts = [llm.encode(q, chat=True) for q in load_questions(max(batches))]
+    chains = {"row by row (CPU path)": lazy, "all positions (GPU path)": verify._coupled_chain}
+    for batch in batches:
+        times, spec = {name: [] for name in chains}, llm.stats.spec
+        for r in range(repeats):
+            ngram.reset()
+            llm.generate(prompts[:batch], SamplingParams(temperature=0.7, max_new_tokens=64, seed=50 + r), progress=False)
+            params = SamplingParams(temperature=0.7, max_new_tokens=64, seed=100 + r, ignore_eos=True)
+            history, before = ngram.get_state(), (spec.drafted, spec.accepted)
+            for name, chain in chains.items():
+                verify._coupled_chain_lazy = chain  # the CPU engine calls this name
+                ngram.set_state(history)
+                start = time.perf_counter()
+                llm.generate(prompts[:batch], params, progress=False)
+                times[name].append(time.perf_counter() - start)
+            verify._coupled_chain_lazy = lazy
+        rate = (spec.accepted - before[1]) / max(spec.drafted - before[0], 1)
+        rows.append({"batch": batch, "accept_rate": rate, **{n: statistics.median(t) for n, t in times.items()}})
+        print(f"| {batch} | " + " | ".join(f"{statistics.median(t):.2f}" for t in times.values()) +
+              f" | {rows[-1]['all positions (GPU path)'] / rows[-1]['row by row (CPU path)']:.2f}x | {rate:.2f} |",
+              flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="1,8,32,64")
@@ -48,7 +85,14 @@ def main() -> None:
     parser.add_argument("--accept", type=float, default=0.4, help="per-position chance a draft is the target's draw")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--out", default="coupled_verify.json")
+    parser.add_argument("--rollout", action="store_true", help="time whole SmolLM2 n-gram rollouts instead")
     args = parser.parse_args()
+    if args.rollout:
+        print("| batch | row by row s | all positions s | speed-up | accept rate |\n| --- | --- | --- | --- | --- |")
+        rows = rollout_ab([int(b) for b in args.batches.split(",")], min(args.repeats, 3))
+        with open(args.out, "w") as f:
+            json.dump({"rollout": rows}, f, indent=1)
+        return
     torch.set_num_threads(1)
     rows = []
     print(f"k = {args.k}, drafts right with probability {args.accept} per position, ms per verify (median)\n")
