@@ -343,6 +343,19 @@ def test_a_drafter_synced_while_idle_costs_nothing_to_switch_on_and_teaches_no_c
     ctl.drafter_synced("unknown")  # not one of its drafters: ignored
 
 
+def test_an_untimed_step_teaches_acceptance_but_no_cost():
+    """A step whose time includes a CUDA graph's capture (``timed=False``) must not move the costs."""
+    ctl = controller(drafters={"eagle": "target"})
+    arm = Arm("eagle", 2)
+    before = ctl.predicted_time(arm, 8), ctl.predicted_time(OFF, 8), ctl.expected_emitted(arm)
+    ctl.record(arm, 8, 5.0, 1.0, np.full(8, 2), 24, 0.0, False)
+    ctl.record(OFF, 8, 5.0, 0.0, None, 8, 0.0, False)
+    assert (ctl.predicted_time(arm, 8), ctl.predicted_time(OFF, 8)) == before[:2]
+    assert ctl.expected_emitted(arm) > before[2] and len(ctl.trace) == 2
+    ctl.record(OFF, 8, 5.0, 0.0, None, 8)
+    assert ctl.predicted_time(OFF, 8) > before[1]  # a timed one does
+
+
 def test_prediction_error_is_small_after_warm_up():
     ctl = controller()
     feed(ctl, 4, 60, accepted=2)

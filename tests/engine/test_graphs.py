@@ -24,7 +24,7 @@ def test_buckets_follow_the_serving_engines():
 
 
 class FakeCapture:
-    """Stands in for ``cuda_capture``: runs the step once (as the warm-up does) and replays eagerly."""
+    """Stands in for the CUDA capture: runs the step once (as the warm-up does) and replays eagerly."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -33,6 +33,11 @@ class FakeCapture:
         self.count += 1
         fn()
         return fn
+
+
+def use_fake(monkeypatch, fake: FakeCapture) -> FakeCapture:
+    monkeypatch.setattr(graphs.DecodeGraphs, "_cuda_capture", lambda self, fn: fake(fn))
+    return fake
 
 
 def generate(llm: LLM, prompts, params, fake: FakeCapture | None):
@@ -46,7 +51,7 @@ def test_graph_steps_equal_eager_steps_as_the_batch_shrinks(tiny_llama, monkeypa
     """11 ragged rows finishing at different steps cross the buckets 11 (the cache holds 11 rows) -> 8 -> 4 -> 2 -> 1 and the
     context buckets 64 -> the cache length: every token equal, every logprob equal to float rounding."""
     fake = FakeCapture()
-    monkeypatch.setattr(graphs, "cuda_capture", fake)
+    use_fake(monkeypatch, fake)
     eager, graphed = LLM(str(tiny_llama), device="cpu"), LLM(str(tiny_llama), device="cpu")
     prompts = ragged_prompts(11, eager.model.config.vocab_size, seed=5)
     budgets = [20 + 9 * i for i in range(11)]
@@ -69,7 +74,7 @@ def test_speculative_steps_through_graphs_equal_eager_ones(tiny_llama, monkeypat
     """The verify forward (k + 1 tokens per row) replays a graph of its own width; with the n-gram
     drafter, greedy and sampled, every token equals the eager engine's."""
     fake = FakeCapture()
-    monkeypatch.setattr(graphs, "cuda_capture", fake)
+    use_fake(monkeypatch, fake)
     eager, graphed = (LLM(str(tiny_llama), device="cpu", drafter="ngram", speculative=2) for _ in range(2))
     prompts = ragged_prompts(6, eager.model.config.vocab_size, seed=9)
     params = [SamplingParams(n=2, temperature=temperature, max_new_tokens=30 + 7 * i, seed=i, ignore_eos=True)
@@ -90,7 +95,7 @@ def test_speculative_steps_through_graphs_equal_eager_ones(tiny_llama, monkeypat
 
 
 def test_a_new_cache_drops_the_graphs(tiny_llama, monkeypatch):
-    monkeypatch.setattr(graphs, "cuda_capture", FakeCapture())
+    use_fake(monkeypatch, FakeCapture())
     llm = LLM(str(tiny_llama), device="cpu")
     params = SamplingParams(temperature=0, max_new_tokens=8)
     generate(llm, [[1, 2, 3]], params, FakeCapture())
@@ -108,7 +113,7 @@ def test_an_eagle_head_fed_through_graphs_drafts_as_when_fed_eagerly(tiny_llama,
     from tests.engine.test_controller import CyclingController
     from tests.helpers import random_head
 
-    monkeypatch.setattr(graphs, "cuda_capture", FakeCapture())
+    use_fake(monkeypatch, FakeCapture())
     schedule = [OFF, OFF, Arm("eagle", 2), Arm("ngram", 2), OFF, Arm("eagle", 1), Arm("eagle", 2)]
     outputs, drafts = [], []
     for use_graphs in (False, True):
@@ -132,3 +137,21 @@ def test_an_eagle_head_fed_through_graphs_drafts_as_when_fed_eagerly(tiny_llama,
     assert [s.token_ids for s in outputs[0]] == [s.token_ids for s in outputs[1]]
     assert drafts[0] == drafts[1] and len(drafts[0]) >= 10
     assert llm.engine.graphs is not None and len({w for _, w, _, _ in llm.engine.graphs.graphs}) == 3  # 1, 2, 3
+
+
+def test_steps_that_capture_a_graph_are_recorded_untimed(tiny_llama, monkeypatch):
+    """The controller learns no cost from a step that also captured a graph (capture is slow)."""
+    from respec.engine.controller import OFF, Arm
+    from tests.engine.test_controller import CyclingController
+
+    class Recording(CyclingController):
+        def record(self, *args) -> None:
+            self.timed.append(args[7] if len(args) > 7 else True)
+
+    fake = use_fake(monkeypatch, FakeCapture())
+    llm = LLM(str(tiny_llama), device="cpu", drafter="ngram", speculative="adaptive")
+    controller = llm.engine.controller = Recording([OFF, Arm("ngram", 2), OFF, Arm("ngram", 1)])
+    controller.timed = []
+    generate(llm, ragged_prompts(5, llm.model.config.vocab_size, seed=4),
+             SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True), fake)
+    assert controller.timed.count(False) == fake.count > 0 and controller.timed.count(True) > 0

@@ -91,7 +91,8 @@ class StaticController:
         pass
 
     def record(self, arm: Arm, batch: int, seconds: float, draft_seconds: float,
-               num_accepted: np.ndarray | None, emitted: int, catch_up_seconds: float = 0.0) -> None:
+               num_accepted: np.ndarray | None, emitted: int, catch_up_seconds: float = 0.0,
+               timed: bool = True) -> None:
         pass
 
 
@@ -223,16 +224,20 @@ class AdaptiveController:
             self.acceptance[name].relax(keep)
 
     def record(self, arm: Arm, batch: int, seconds: float, draft_seconds: float,
-               num_accepted: np.ndarray | None, emitted: int, catch_up_seconds: float = 0.0) -> None:
+               num_accepted: np.ndarray | None, emitted: int, catch_up_seconds: float = 0.0,
+               timed: bool = True) -> None:
         """After a step with ``arm``: its wall time, the drafter's proposal and catch-up times within
-        it and, when drafting, the accepted drafts per row."""
+        it and, when drafting, the accepted drafts per row. ``timed=False``: the times measured
+        something else too (a CUDA graph's capture): learn the acceptance, not the costs."""
         tokens = 1 if arm.drafter is None else arm.k + 1
-        self.cost.record_target(batch, tokens, seconds - draft_seconds - catch_up_seconds)
+        if timed:
+            self.cost.record_target(batch, tokens, seconds - draft_seconds - catch_up_seconds)
         if arm.drafter is not None:
-            self.cost.record_draft(arm.drafter, batch, arm.k, draft_seconds)
+            if timed:
+                self.cost.record_draft(arm.drafter, batch, arm.k, draft_seconds)
             if catch_up_seconds > 0 and arm.drafter in self._prefill_pending:
                 self._prefill_pending.discard(arm.drafter)
-            elif catch_up_seconds > 0:
+            elif catch_up_seconds > 0 and timed:
                 self.cost.record_catch_up(self.catch_up_kind[arm.drafter], arm.drafter, batch,
                                           self.missed[arm.drafter], catch_up_seconds, self.reread[arm.drafter])
             self.missed[arm.drafter] = self.reread[arm.drafter] = 0.0

@@ -90,6 +90,9 @@ class Engine:
         self.cuda_graphs = cuda_graphs and model.device.type == "cuda"
         self.graphs: DecodeGraphs | None = None
 
+    def _captures(self) -> int:
+        return self.graphs.captures if self.graphs is not None else 0
+
     def _live_graphs(self) -> DecodeGraphs | None:
         """The captured graphs, when on and made for the cache in use."""
         return self.graphs if self.graphs is not None and self.graphs.cache is self.cache else None
@@ -282,12 +285,15 @@ class Engine:
         arm = self.controller.choose(active)
         self.stats.arm_steps[arm.label] = self.stats.arm_steps.get(arm.label, 0) + 1
         idle = {name: d for name, d in self.drafters.items() if d.shadows and name != arm.drafter}
+        captures = self._captures()
         if arm.drafter is not None:
-            finished = self._speculative_step(arm, t0, list(idle.values()))
+            finished = self._speculative_step(arm, t0, list(idle.values()), captures)
         else:
             finished = self._ar_step(active, list(idle.values()))
             self._synced.clear()
-            self.controller.record(OFF, active, time.perf_counter() - t0, 0.0, None, active)
+            # A step that captured a CUDA graph timed the capture: it teaches the costs nothing.
+            self.controller.record(OFF, active, time.perf_counter() - t0, 0.0, None, active, 0.0,
+                                   self._captures() == captures)
         for name, drafter in idle.items():  # kept up while it sat out: only what it could not keep is missed
             if drafter.absorb_due(self.slots.active) and self.controller.keeps_warm(name):
                 seconds = absorb_idle(self.model, self.cache, self.slots, drafter)
@@ -321,7 +327,7 @@ class Engine:
         self.stats.decode_s += time.perf_counter() - t0
         return finished
 
-    def _speculative_step(self, arm: Arm, t0: float, shadowing: list[Drafter]) -> int:
+    def _speculative_step(self, arm: Arm, t0: float, shadowing: list[Drafter], captures: int) -> int:
         active = self.slots.active
         before = self.slots.host_generated[:active].copy()
         result = speculative_step(self.model, self.cache, self.slots, self.drafters[arm.drafter], arm.k,
@@ -338,7 +344,7 @@ class Engine:
         seconds = time.perf_counter() - t0
         self.stats.decode_s += seconds
         self.controller.record(arm, active, seconds, result.draft_seconds, result.num_accepted, emitted,
-                               result.catch_up_seconds)
+                               result.catch_up_seconds, self._captures() == captures)
         return self._finish_rows(finished)
 
     def _sample_and_commit(self, logits: torch.Tensor, lo: int, hi: int) -> int:

@@ -47,20 +47,24 @@ def context_bucket(kv_len: int, max_len: int) -> int:
     return min(max(MIN_CONTEXT, 1 << (max(kv_len, 1) - 1).bit_length()), max_len)
 
 
-def cuda_capture(fn: Callable[[], tuple]) -> Callable[[], tuple]:
-    """Warm ``fn`` up on a side stream, record it into a CUDA graph, return its replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outputs = fn()
+def cuda_capture(fn: Callable[[], tuple], device: torch.device, pool=None) -> Callable[[], tuple]:
+    """Warm ``fn`` up on a side stream, record it into a CUDA graph on ``device`` (from the memory pool
+    ``pool``: every graph of an engine shares one), return its replay. Capture errors are local to
+    this thread, so an online learner working on the GPU in another thread cannot void a capture."""
+    with torch.cuda.device(device):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            outputs = fn()
 
     def replay() -> tuple:
-        graph.replay()
+        with torch.cuda.device(device):
+            graph.replay()
         return outputs
 
     return replay
@@ -76,11 +80,13 @@ class _Graph:
 
 
 class DecodeGraphs:
-    """Decode and verify forwards with their logits through captured graphs; ``captures`` counts graphs made."""
+    """Decode and verify forwards through captured graphs (the LM head after them); ``captures`` counts
+    graphs made."""
 
     def __init__(self, model: DecoderLM, cache: KVCache, capture: Capture | None = None) -> None:
         self.model, self.cache = model, cache
-        self.capture = capture or cuda_capture
+        self.capture = capture or self._cuda_capture
+        self.pool = None  # one memory pool for all of this engine's graphs (made at the first capture)
         self.buckets = rows_buckets(cache.rows)
         self.graphs: dict[tuple[int, int, tuple[int, ...]], _Graph] = {}
         self.captures = 0
@@ -104,9 +110,16 @@ class DecodeGraphs:
             # values the step writes (a capture on dummy inputs would overwrite live rows' entries).
             graph.replay = self.capture(self._step(*key, graph))
             self.captures += 1
-        hidden, logits, captured = graph.replay()
+        hidden, captured = graph.replay()
         out = DecoderOutput(hidden=hidden[:batch], captured={layer: x[:batch] for layer, x in captured.items()})
-        return out, logits[:batch]
+        # The LM head runs outside the graph, on the real rows only: one large kernel, and a graph that
+        # kept [rows, T, vocab] logits as its output would hold them for every bucket it was made for.
+        return out, self.model.logits(out.hidden)
+
+    def _cuda_capture(self, fn: Callable[[], tuple]) -> Callable[[], tuple]:
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        return cuda_capture(fn, self.model.device, self.pool)
 
     def _buffers(self, rows: int, width: int, context: int, layers: tuple[int, ...]) -> _Graph:
         device = self.model.device
@@ -120,6 +133,6 @@ class DecodeGraphs:
         def step() -> tuple:
             out = self.model(graph.tokens, graph.positions, cache=self.cache, rows=slice(0, rows), kv_len=context,
                              capture_layers=layers)
-            return out.hidden, self.model.logits(out.hidden), out.captured
+            return out.hidden, out.captured
 
         return step

@@ -3,11 +3,12 @@
 On the CPU the work is done when the call returns, so a mark is the wall clock. On a GPU a mark is a
 CUDA event recorded on the stream: the intervals are read once the step's own device-to-host copy has
 waited for the stream anyway, so timing the drafter adds no synchronization. The events are kept and
-reused from step to step (``Marks`` holds at most ``SLOTS`` of them).
+reused from step to step (``Marks`` holds at most ``SLOTS`` of them), one set per device and thread.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from itertools import pairwise
 
@@ -15,7 +16,8 @@ import torch
 
 SLOTS = 3  # before the catch-up, between it and the proposal, after the proposal
 
-_EVENTS: dict[torch.device, list] = {}  # per device, reused by every step
+# Per (device, thread), reused by every step: engines in one thread never step at the same time.
+_EVENTS: dict[tuple[torch.device, int], list] = {}
 
 
 class Marks:
@@ -27,9 +29,10 @@ class Marks:
         self.count = 0
         self.points: list = [0.0] * SLOTS
         if self.cuda:
-            if device not in _EVENTS:
-                _EVENTS[device] = [torch.cuda.Event(enable_timing=True) for _ in range(SLOTS)]
-            self.points = _EVENTS[device]
+            key = (device, threading.get_ident())
+            if key not in _EVENTS:
+                _EVENTS[key] = [torch.cuda.Event(enable_timing=True) for _ in range(SLOTS)]
+            self.points, self.stream = _EVENTS[key], torch.cuda.current_stream(device)
 
     def mark(self) -> None:
         if not self.enabled:
@@ -37,7 +40,7 @@ class Marks:
         if self.count >= SLOTS:
             raise ValueError(f"marks: at most {SLOTS} per step")
         if self.cuda:
-            self.points[self.count].record()
+            self.points[self.count].record(self.stream)  # the device's stream, not the current device's
         else:
             self.points[self.count] = time.perf_counter()
         self.count += 1

@@ -1,8 +1,9 @@
-"""Two oracles for the what-if comparison: policies that see what no engine can, to show what the gap
+"""Oracles for the what-if comparison: policies that see what no engine can, to show what the gap
 between ours and the hindsight-best static k is made of.
 
-Both know every row's true acceptance curve and the true step costs, and pick the arm of highest
-expected value every step:
+Each knows every row's true acceptance curve and the true step costs, and picks the arm of highest
+expected value every step (judged without catch-up costs, which the rollout still charges: these
+are references, not bounds):
 * ``throughput``: the batch's expected tokens per second (ours' objective, with perfect estimates);
 * ``critical row``: the expected progress per second of the row with the most tokens left (its true
   length, unknown to an engine until the row ends), ties to its lowest acceptance: the rollout ends when

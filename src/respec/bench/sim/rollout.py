@@ -188,8 +188,10 @@ def run_rollout(world: World, policy: Policy, rl_step: int, draws: Draws | None 
         total_emitted = batch if hits is None else int(emitted.sum())
         policy.observe(StepOutcome(arm, batch, seconds * factor, draft_s * factor, catch_s * factor, hits,
                                    total_emitted, lag))
+        active = active[generated[active] < draws.budgets[active]]  # finished rows leave first, as in the engine
         if arm.drafter is None and world.head_absorbs and policy.drafts \
                 and head.absorb_due(active, world.max_k + 1) and policy.keeps_warm():
+            context = float((draws.prompts[active] + generated[active]).sum())
             absorbed = head.catch_up(costs, active, context) * factor
             policy.absorbed()
             result.absorb_seconds += absorbed
@@ -201,6 +203,5 @@ def run_rollout(world: World, policy: Policy, rl_step: int, draws: Draws | None 
         result.batches.append(batch)
         result.step_seconds.append(seconds * factor)
         result.ks.append(arm.k if arm.drafter is not None else 0)
-        active = active[generated[active] < draws.budgets[active]]
     result.seconds += result.decode_seconds
     return result
