@@ -22,7 +22,7 @@ from ..models.decoder import DecoderLM
 from ..models.kernel_tuning import tune_linear_kernels
 from .cache import KVCache
 from .controller import OFF, Arm, make_controller
-from .drafters.base import Drafter, TargetTrace, check_vocab
+from .drafters.base import Drafter, TargetTrace, check_vocab, named_drafters
 from .graphs import DecodeGraphs
 from .params import SamplingParams
 from .rng import random_seed, uniforms
@@ -65,7 +65,7 @@ class Engine:
             raise ValueError(f"max_num_seqs: must be >= 1, got {max_num_seqs}")
         self.model = model
         self.max_num_seqs = max_num_seqs
-        self.drafters = _named_drafters(drafter)
+        self.drafters = named_drafters(drafter)
         self._versioned = {name: d for name, d in self.drafters.items() if d.learnable() is not None}
         for each in self.drafters.values():
             check_vocab(each.vocab_size, model.config.vocab_size)
@@ -393,11 +393,3 @@ def _one_position_trace(captured: dict, slots: SlotTable, active: int) -> Target
     return TargetTrace(captured=captured, start=slots.lengths[:active], valid=ones,
                        next_tokens=slots.last_token[:active, None], host_start=slots.host_lengths[:active],
                        host_valid=np.ones(active, dtype=np.int64))
-
-
-def _named_drafters(drafter: Drafter | dict[str, Drafter] | None) -> dict[str, Drafter]:
-    if drafter is None:
-        return {}
-    if isinstance(drafter, dict):
-        return dict(drafter)
-    return {getattr(drafter, "name", "drafter"): drafter}

@@ -196,3 +196,12 @@ class Drafter:
 def check_vocab(drafter_vocab: int, target_vocab: int) -> None:
     if drafter_vocab != target_vocab:
         raise ValueError(f"drafter: vocabulary size {drafter_vocab} does not match the target's {target_vocab}")
+
+
+def named_drafters(drafter: Drafter | dict[str, Drafter] | None) -> dict[str, Drafter]:
+    """The engine's drafters by name: one drafter (under its ``name``), a dict, or None (none)."""
+    if drafter is None:
+        return {}
+    if isinstance(drafter, dict):
+        return dict(drafter)
+    return {getattr(drafter, "name", "drafter"): drafter}
