@@ -126,6 +126,10 @@ class Recording(OursPolicy):
         super().observe(outcome)
         self.log.append(("observe", outcome))
 
+    def absorbed(self) -> None:
+        super().absorbed()
+        self.log.append(("absorbed",))
+
 
 def replay(policy: Recording, world: World, seed: int) -> tuple[int, int]:
     """Drive a fresh AdaptiveController by hand with the inputs the policy passed on (profile, steps,
@@ -140,6 +144,8 @@ def replay(policy: Recording, world: World, seed: int) -> tuple[int, int]:
                 by_hand.drafter_updated(DRAFTER)
             by_hand.drafters_synced()
             by_hand.prefill_pending(DRAFTER)
+        elif event[0] == "absorbed":
+            by_hand.drafter_synced(DRAFTER)
         elif event[0] == "choose":
             differ += by_hand.choose(event[1]) != event[2]
             decisions += 1
