@@ -23,7 +23,7 @@ from ..models.kernel_tuning import tune_linear_kernels
 from .cache import KVCache
 from .controller import OFF, Arm, make_controller
 from .drafters.base import Drafter, TargetTrace, check_vocab, named_drafters
-from .graphs import DecodeGraphs
+from .graphs import DecodeGraphs, target_forward
 from .params import SamplingParams
 from .rng import random_seed, uniforms
 from .sampling import sample
@@ -310,20 +310,15 @@ class Engine:
         slots = self.slots
         kv_len = int(slots.host_lengths[:active].max()) + 1
         capture = tuple(sorted({layer for d in shadowing for layer in d.capture_layers}))
-        if self._live_graphs() is not None:
-            out, logits = self.graphs.run(slots.last_token[:active, None], slots.lengths[:active, None], kv_len, capture)
-            logits = logits[:, -1]
-        else:
-            out = self.model(slots.last_token[:active, None], slots.lengths[:active, None], cache=self.cache,
-                             rows=slice(0, active), kv_len=kv_len, capture_layers=capture)
-            logits = self.model.logits(out.hidden[:, -1])
+        out, logits = target_forward(self.model, self.cache, slots.last_token[:active, None],
+                                     slots.lengths[:active, None], kv_len, capture, self._live_graphs())
         if shadowing:
             trace = _one_position_trace(out.captured, slots, active)
             for drafter in shadowing:
                 drafter.shadow(trace)
         slots.commit_to_cache(active)
         self.stats.decode_steps += 1
-        finished = self._sample_and_commit(logits, 0, active)
+        finished = self._sample_and_commit(logits[:, -1], 0, active)
         self.stats.decode_s += time.perf_counter() - t0
         return finished
 

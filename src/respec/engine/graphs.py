@@ -47,6 +47,17 @@ def context_bucket(kv_len: int, max_len: int) -> int:
     return min(max(MIN_CONTEXT, 1 << (max(kv_len, 1) - 1).bit_length()), max_len)
 
 
+def target_forward(model: DecoderLM, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int,
+                   capture_layers: tuple[int, ...], graphs: DecodeGraphs | None = None) -> tuple[DecoderOutput, torch.Tensor]:
+    """The target over ``tokens [B, T]`` of cache rows 0..B-1 and the logits ``[B, T, V]``: through
+    ``graphs`` when given, else eagerly (a decode step, T = 1, and a verify, T = k + 1, alike)."""
+    if graphs is not None:
+        return graphs.run(tokens, positions, kv_len, capture_layers)
+    out = model(tokens, positions, cache=cache, rows=slice(0, tokens.shape[0]), kv_len=kv_len,
+                capture_layers=capture_layers)
+    return out, model.logits(out.hidden)
+
+
 def cuda_capture(fn: Callable[[], tuple], device: torch.device, pool=None) -> Callable[[], tuple]:
     """Warm ``fn`` up on a side stream, record it into a CUDA graph on ``device`` (from the memory pool
     ``pool``: every graph of an engine shares one), return its replay. Capture errors are local to
@@ -88,7 +99,7 @@ class DecodeGraphs:
         self.capture = capture or self._cuda_capture
         self.pool = None  # one memory pool for all of this engine's graphs (made at the first capture)
         self.buckets = rows_buckets(cache.rows)
-        self.graphs: dict[tuple[int, int, tuple[int, ...]], _Graph] = {}
+        self.graphs: dict[tuple[int, int, int, tuple[int, ...]], _Graph] = {}  # (rows, T, context, layers)
         self.captures = 0
 
     def run(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int,

@@ -26,7 +26,7 @@ from .drafters.base import (
     Proposal,
     TargetTrace,
 )
-from .graphs import DecodeGraphs
+from .graphs import DecodeGraphs, target_forward
 from .rng import uniforms
 from .sampling import processed_logprobs_steps
 from .slots import SlotTable
@@ -72,11 +72,7 @@ def speculative_step(model: DecoderLM, cache: KVCache, slots: SlotTable, drafter
     positions = slots.lengths[:batch, None] + torch.arange(k + 1, device=ids.device)
     kv_len = int(slots.host_lengths[:batch].max()) + k + 1
     capture = tuple(sorted({layer for d in (drafter, *shadowing) for layer in d.capture_layers}))
-    if graphs is not None:
-        out, logits = graphs.run(ids, positions, kv_len, capture)
-    else:
-        out = model(ids, positions, cache=cache, rows=slice(0, batch), kv_len=kv_len, capture_layers=capture)
-        logits = model.logits(out.hidden)
+    out, logits = target_forward(model, cache, ids, positions, kv_len, capture, graphs)
     target = processed_logprobs_steps(logits, params)
     accept_u, resample_u = _verify_uniforms(slots, batch, k, model.device) if params.any_random else (None, None)
     verdict = verify(target, proposal.tokens, proposal.logprobs, accept_u, resample_u, params.temperature == 0,
